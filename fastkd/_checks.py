@@ -1,0 +1,77 @@
+"""Argument checks shared by the fused API and the modules: a clear error that names the argument."""
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("batchmean", "sum", "none")
+
+
+def check_logits(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64 logits, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
+
+
+def check_pair(student, teacher):
+    check_logits(student, "student_logits")
+    check_logits(teacher, "teacher_logits")
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same shape, got {tuple(student.shape)} "
+            f"and {tuple(teacher.shape)}"
+        )
+    if student.device != teacher.device:
+        raise ValueError(
+            f"student_logits and teacher_logits must be on the same device, got {student.device} and {teacher.device}"
+        )
+
+
+def check_number(value, name, low, high, low_open=False):
+    """A finite real number in [low, high] (or (low, high] when low_open)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f"{name} must be finite and in {interval}, got {value}")
+    return value
+
+
+def check_temperature(temperature):
+    return check_number(temperature, "temperature", 0.0, math.inf, low_open=True)
+
+
+def check_reduction(reduction):
+    if reduction == "mean":
+        raise ValueError(
+            "reduction='mean' is refused: torch's elementwise mean divides the KL by N*V and is not a "
+            "divergence; use 'batchmean' (sum over rows / counted rows), 'sum' or 'none'"
+        )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_labels(labels, logits, name="labels"):
+    """Integer labels of the leading shape of `logits`, on its device (None passes)."""
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"{name} must have the leading shape of the logits {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    if labels.device != logits.device:
+        raise ValueError(f"{name} must be on the logits' device {logits.device}, got {labels.device}")
+
+
+def check_ignore_index(ignore_index):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")

@@ -1,0 +1,67 @@
+"""The fused API (also exported at the top level).  Student first, teacher second, raw logits.
+
+Each call checks its arguments, then runs the fused Triton kernels or the eager reference
+(`fastkd.backend`).  Leading dims are flattened into rows; losses are float32 (float64 for
+float64 inputs); gradients reach the student, and the teacher too when it requires grad.
+"""
+from . import _checks, ops, reference
+from ._reduce import reduce_rows
+from .backend import resolve
+
+
+def softmax(x, temperature=1.0):
+    """softmax(x / T) along the last dim, in the dtype of x."""
+    _checks.check_logits(x, "x")
+    temperature = _checks.check_temperature(temperature)
+    if resolve(x) == "reference":
+        return reference.softmax(x, temperature)
+    return ops.softmax(x, temperature, False)
+
+
+def log_softmax(x, temperature=1.0):
+    """log_softmax(x / T) along the last dim, in the dtype of x."""
+    _checks.check_logits(x, "x")
+    temperature = _checks.check_temperature(temperature)
+    if resolve(x) == "reference":
+        return reference.log_softmax(x, temperature)
+    return ops.softmax(x, temperature, True)
+
+
+def _check_loss_args(student_logits, teacher_logits, temperature, labels, ignore_index, reduction):
+    _checks.check_pair(student_logits, teacher_logits)
+    _checks.check_labels(labels, student_logits)
+    _checks.check_ignore_index(ignore_index)
+    _checks.check_reduction(reduction)
+    return _checks.check_temperature(temperature)
+
+
+def kl_div(student_logits, teacher_logits, temperature=1.0, *, reverse=False, labels=None, ignore_index=-100,
+           reduction="batchmean"):
+    """T^2 KL(p_t || p_s) per row, p = softmax(logits / T); reverse=True: T^2 KL(p_s || p_t).
+
+    labels: optional [...] integer tensor; rows equal to ignore_index count for nothing (zero loss
+    and gradient).  reduction: 'batchmean' (sum / counted rows, 0 when none count), 'sum', 'none'.
+    """
+    temperature = _check_loss_args(student_logits, teacher_logits, temperature, labels, ignore_index, reduction)
+    if resolve(student_logits) == "reference":
+        return reference.kl_div(student_logits, teacher_logits, temperature, reverse=reverse, labels=labels,
+                                ignore_index=ignore_index, reduction=reduction)
+    p, q = (student_logits, teacher_logits) if reverse else (teacher_logits, student_logits)
+    rows, _ = ops.kl_div_rows(p, q, temperature, labels, ignore_index)
+    return reduce_rows(rows, labels, ignore_index, reduction, student_logits.shape[:-1])
+
+
+def jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0, *, labels=None, ignore_index=-100,
+        reduction="batchmean"):
+    """Generalized JSD, TRL's convention: T^2 [beta KL(p_t || m) + (1 - beta) KL(p_s || m)],
+    m = (1 - beta) p_s + beta p_t; beta = 0 is forward KL(p_t || p_s), beta = 1 reverse KL(p_s || p_t)."""
+    temperature = _check_loss_args(student_logits, teacher_logits, temperature, labels, ignore_index, reduction)
+    beta = _checks.check_number(beta, "beta", 0.0, 1.0)
+    if beta in (0.0, 1.0):
+        return kl_div(student_logits, teacher_logits, temperature, reverse=beta == 1.0, labels=labels,
+                      ignore_index=ignore_index, reduction=reduction)
+    if resolve(student_logits) == "reference":
+        return reference.jsd(student_logits, teacher_logits, beta, temperature, labels=labels,
+                             ignore_index=ignore_index, reduction=reduction)
+    rows, _ = ops.jsd_rows(student_logits, teacher_logits, beta, temperature, labels, ignore_index)
+    return reduce_rows(rows, labels, ignore_index, reduction, student_logits.shape[:-1])

@@ -1,0 +1,28 @@
+"""nn.Module wrappers with the seed's constructor names and call shape `forward(student, teacher, **kwargs)`."""
+from torch import nn
+
+from . import functional as F
+
+
+class KLDiv(nn.Module):
+    """Vanilla KD (Hinton et al. 2015): T^2 KL(p_t || p_s), 'batchmean' over rows by default."""
+
+    def __init__(self, temp=1.0, reverse=False, ignore_index=-100, reduction="batchmean"):
+        super().__init__()
+        self.temp, self.reverse, self.ignore_index, self.reduction = temp, reverse, ignore_index, reduction
+
+    def forward(self, student_preds, teacher_preds, labels=None, **kwargs):
+        return F.kl_div(student_preds, teacher_preds, self.temp, reverse=self.reverse, labels=labels,
+                        ignore_index=self.ignore_index, reduction=self.reduction)
+
+
+class JSD(nn.Module):
+    """Generalized Jensen-Shannon divergence with TRL's beta convention (see `fastkd.jsd`)."""
+
+    def __init__(self, beta=0.5, temp=1.0, ignore_index=-100, reduction="batchmean"):
+        super().__init__()
+        self.beta, self.temp, self.ignore_index, self.reduction = beta, temp, ignore_index, reduction
+
+    def forward(self, student_preds, teacher_preds, labels=None, **kwargs):
+        return F.jsd(student_preds, teacher_preds, self.beta, self.temp, labels=labels,
+                     ignore_index=self.ignore_index, reduction=self.reduction)

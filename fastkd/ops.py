@@ -1,0 +1,151 @@
+"""The fused kernels as torch.library custom ops, with fake (meta) implementations and autograd.
+
+Each loss op returns per-row losses and the per-row statistics its backward needs; the reduction
+is plain torch code on top (so `batchmean` reaches the backward as an expanded [N] gradient).
+Being custom ops, they are opaque to torch.compile: a compiled training step runs them with no
+graph break.
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import kernels
+
+_EMPTY = ()
+
+
+def _rows(x):
+    return math.prod(x.shape[:-1])
+
+
+def _acc(*xs):
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _grad_or_empty(grad, like):
+    return grad if grad is not None else like.new_empty(_EMPTY)
+
+
+# -- softmax / log_softmax ------------------------------------------------------------------------
+
+@torch.library.custom_op("fastkd::softmax", mutates_args=())
+def softmax(x: Tensor, temperature: float, log: bool) -> Tensor:
+    return kernels.softmax(x, temperature, log)
+
+
+@softmax.register_fake
+def _(x, temperature, log):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastkd::softmax_backward", mutates_args=())
+def softmax_backward(y: Tensor, grad_y: Tensor, temperature: float, log: bool) -> Tensor:
+    return kernels.softmax_backward(y.contiguous(), grad_y, temperature, log)
+
+
+@softmax_backward.register_fake
+def _(y, grad_y, temperature, log):
+    return y.new_empty(y.shape)
+
+
+def _softmax_setup(ctx, inputs, output):
+    _, ctx.temperature, ctx.log = inputs
+    ctx.save_for_backward(output)
+
+
+def _softmax_grad(ctx, grad_y):
+    (y,) = ctx.saved_tensors
+    return softmax_backward(y, grad_y, ctx.temperature, ctx.log), None, None
+
+
+softmax.register_autograd(_softmax_grad, setup_context=_softmax_setup)
+
+
+# -- KL(P || Q) -----------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastkd::kl_div_rows", mutates_args=())
+def kl_div_rows(p: Tensor, q: Tensor, temperature: float, labels: Optional[Tensor],
+                ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Row losses T^2 KL(softmax(p/T) || softmax(q/T)) and row statistics (lse_p, lse_q, KL)."""
+    return kernels.kl_div_rows(p, q, temperature, labels, ignore_index)
+
+
+@kl_div_rows.register_fake
+def _(p, q, temperature, labels, ignore_index):
+    n = _rows(p)
+    return p.new_empty(n, dtype=_acc(p, q)), p.new_empty(n, 3, dtype=_acc(p, q))
+
+
+@torch.library.custom_op("fastkd::kl_div_rows_backward", mutates_args=())
+def kl_div_rows_backward(grad_loss: Tensor, p: Tensor, q: Tensor, stats: Tensor, temperature: float,
+                         labels: Optional[Tensor], ignore_index: int, grad_p: bool,
+                         grad_q: bool) -> tuple[Tensor, Tensor]:
+    gp, gq = kernels.kl_div_rows_backward(grad_loss, p, q, stats, temperature, labels, ignore_index, grad_p, grad_q)
+    return _grad_or_empty(gp, p), _grad_or_empty(gq, q)
+
+
+@kl_div_rows_backward.register_fake
+def _(grad_loss, p, q, stats, temperature, labels, ignore_index, grad_p, grad_q):
+    return p.new_empty(p.shape if grad_p else _EMPTY), q.new_empty(q.shape if grad_q else _EMPTY)
+
+
+def _kl_setup(ctx, inputs, output):
+    p, q, ctx.temperature, labels, ctx.ignore_index = inputs
+    ctx.save_for_backward(p, q, output[1], labels)
+
+
+def _kl_grad(ctx, grad_loss, _grad_stats):
+    p, q, stats, labels = ctx.saved_tensors
+    need_p, need_q = ctx.needs_input_grad[:2]
+    gp, gq = kl_div_rows_backward(grad_loss, p, q, stats, ctx.temperature, labels, ctx.ignore_index, need_p, need_q)
+    return (gp if need_p else None), (gq if need_q else None), None, None, None
+
+
+kl_div_rows.register_autograd(_kl_grad, setup_context=_kl_setup)
+
+
+# -- generalized JSD ------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastkd::jsd_rows", mutates_args=())
+def jsd_rows(s: Tensor, t: Tensor, beta: float, temperature: float, labels: Optional[Tensor],
+             ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Row losses T^2 JSD_beta and row statistics (lse_s, lse_t, KL(p_s||m), KL(p_t||m)), 0 < beta < 1."""
+    return kernels.jsd_rows(s, t, beta, temperature, labels, ignore_index)
+
+
+@jsd_rows.register_fake
+def _(s, t, beta, temperature, labels, ignore_index):
+    n = _rows(s)
+    return s.new_empty(n, dtype=_acc(s, t)), s.new_empty(n, 4, dtype=_acc(s, t))
+
+
+@torch.library.custom_op("fastkd::jsd_rows_backward", mutates_args=())
+def jsd_rows_backward(grad_loss: Tensor, s: Tensor, t: Tensor, stats: Tensor, beta: float, temperature: float,
+                      labels: Optional[Tensor], ignore_index: int, grad_s: bool,
+                      grad_t: bool) -> tuple[Tensor, Tensor]:
+    gs, gt = kernels.jsd_rows_backward(grad_loss, s, t, stats, beta, temperature, labels, ignore_index,
+                                       grad_s, grad_t)
+    return _grad_or_empty(gs, s), _grad_or_empty(gt, t)
+
+
+@jsd_rows_backward.register_fake
+def _(grad_loss, s, t, stats, beta, temperature, labels, ignore_index, grad_s, grad_t):
+    return s.new_empty(s.shape if grad_s else _EMPTY), t.new_empty(t.shape if grad_t else _EMPTY)
+
+
+def _jsd_setup(ctx, inputs, output):
+    s, t, ctx.beta, ctx.temperature, labels, ctx.ignore_index = inputs
+    ctx.save_for_backward(s, t, output[1], labels)
+
+
+def _jsd_grad(ctx, grad_loss, _grad_stats):
+    s, t, stats, labels = ctx.saved_tensors
+    need_s, need_t = ctx.needs_input_grad[:2]
+    gs, gt = jsd_rows_backward(grad_loss, s, t, stats, ctx.beta, ctx.temperature, labels, ctx.ignore_index,
+                               need_s, need_t)
+    return (gs if need_s else None), (gt if need_t else None), None, None, None, None
+
+
+jsd_rows.register_autograd(_jsd_grad, setup_context=_jsd_setup)

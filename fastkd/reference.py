@@ -1,0 +1,119 @@
+"""Eager PyTorch references: the oracle for every test and the CPU fallback.
+
+Same signatures and semantics as the fused API (`fastkd.functional`).  They compute in float32
+(float64 for float64 inputs) with plain torch ops, each a full pass over [N, V]: correct, not fast.
+`dkd` and `dist` keep the seed's formulation (DKD's -1000 target offset, DIST's eps on the
+product of the norms) so users can compare the fused kernels with the code they came from.
+"""
+import torch
+import torch.nn.functional as F
+
+from ._reduce import reduce_rows
+
+
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _acc(x, temperature):
+    """Logits as [N, V] in the accumulation dtype, divided by the temperature."""
+    return x.reshape(-1, x.shape[-1]).to(_acc_dtype(x)) / temperature
+
+
+def _row_mask(labels, ignore_index, n, device):
+    if labels is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    return labels.reshape(-1) != ignore_index
+
+
+def _finish(rows, labels, ignore_index, reduction, lead_shape):
+    rows = torch.where(_row_mask(labels, ignore_index, rows.numel(), rows.device), rows, 0.0)
+    return reduce_rows(rows, labels, ignore_index, reduction, lead_shape)
+
+
+def softmax(x, temperature=1.0):
+    """softmax(x / T) along the last dim, in the dtype of x."""
+    return (x.to(_acc_dtype(x)) / temperature).softmax(-1).to(x.dtype)
+
+
+def log_softmax(x, temperature=1.0):
+    """log_softmax(x / T) along the last dim, in the dtype of x."""
+    return (x.to(_acc_dtype(x)) / temperature).log_softmax(-1).to(x.dtype)
+
+
+def _kl_rows(log_p, log_q):
+    """Per-row KL(p || q) from log-probabilities; p = 0 terms are 0 (masked vocabulary entries)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+
+
+def kl_div(student_logits, teacher_logits, temperature=1.0, *, reverse=False, labels=None,
+           ignore_index=-100, reduction="batchmean"):
+    """T^2 KL(p_t || p_s) per row (reverse=True: T^2 KL(p_s || p_t)), reduced."""
+    log_ps = F.log_softmax(_acc(student_logits, temperature), -1)
+    log_pt = F.log_softmax(_acc(teacher_logits, temperature), -1)
+    rows = _kl_rows(log_ps, log_pt) if reverse else _kl_rows(log_pt, log_ps)
+    return _finish(rows * temperature**2, labels, ignore_index, reduction, student_logits.shape[:-1])
+
+
+def jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0, *, labels=None, ignore_index=-100,
+        reduction="batchmean"):
+    """T^2 [beta KL(p_t || m) + (1 - beta) KL(p_s || m)], m = (1 - beta) p_s + beta p_t (TRL's convention:
+    beta = 0 is forward KL(p_t || p_s), beta = 1 reverse KL(p_s || p_t))."""
+    if beta == 0 or beta == 1:
+        return kl_div(student_logits, teacher_logits, temperature, reverse=beta == 1, labels=labels,
+                      ignore_index=ignore_index, reduction=reduction)
+    log_ps = F.log_softmax(_acc(student_logits, temperature), -1)
+    log_pt = F.log_softmax(_acc(teacher_logits, temperature), -1)
+    log_m = torch.logsumexp(torch.stack([log_ps + torch.log1p(torch.tensor(-beta, dtype=log_ps.dtype)),
+                                         log_pt + torch.log(torch.tensor(beta, dtype=log_ps.dtype))]), 0)
+    rows = beta * _kl_rows(log_pt, log_m) + (1 - beta) * _kl_rows(log_ps, log_m)
+    return _finish(rows * temperature**2, labels, ignore_index, reduction, student_logits.shape[:-1])
+
+
+def dkd(student_logits, teacher_logits, target, alpha=1.0, beta=2.0, temperature=1.0, *, ignore_index=-100,
+        reduction="batchmean"):
+    """Decoupled KD (Zhao et al. 2022) in the seed's formulation: T^2 (alpha TCKD + beta NCKD) per row.
+
+    TCKD is the KL between the binary [p_target, 1 - p_target] of teacher and student; NCKD the KL
+    between the non-target distributions, the target removed by the seed's -1000 logit offset.
+    A 2-D target of shape [N, V] (mixup, label smoothing) is reduced by argmax, as in the seed.
+    """
+    V = student_logits.shape[-1]
+    lead_shape = student_logits.shape[:-1]
+    if target.dim() == student_logits.dim() and target.shape[-1] == V and target.dtype.is_floating_point:
+        target = target.argmax(-1)
+    s = _acc(student_logits, temperature)
+    t = _acc(teacher_logits, temperature)
+    counted = _row_mask(target, ignore_index, s.shape[0], s.device)
+    gt = F.one_hot(torch.where(counted, target.reshape(-1), 0).long(), V).bool()
+    ps, pt = s.softmax(-1), t.softmax(-1)
+    bs = torch.stack([(ps * gt).sum(-1), (ps * ~gt).sum(-1)], -1)
+    bt = torch.stack([(pt * gt).sum(-1), (pt * ~gt).sum(-1)], -1)
+    tckd = F.kl_div(torch.log(bs), bt, reduction="none").sum(-1)
+    nckd = F.kl_div(F.log_softmax(s - 1000.0 * gt, -1), F.softmax(t - 1000.0 * gt, -1), reduction="none").sum(-1)
+    rows = temperature**2 * (alpha * tckd + beta * nckd)
+    return _finish(rows, target, ignore_index, reduction, lead_shape)
+
+
+def _pearson_rows(a, b, eps):
+    """Pearson correlation of matching rows of a and b, eps added to the product of the centred norms (official DIST)."""
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist(student_logits, teacher_logits, beta=1.0, gamma=1.0, temperature=1.0, *, eps=1e-8, labels=None,
+         ignore_index=-100):
+    """DIST (Huang et al. 2022), the seed's code: T^2 (beta (1 - mean_rows rho) + gamma (1 - mean_cols rho)).
+
+    Rows whose label is ignore_index are left out of both terms.  Returns a scalar.
+    """
+    ps = _acc(student_logits, temperature).softmax(-1)
+    pt = _acc(teacher_logits, temperature).softmax(-1)
+    if labels is not None:
+        keep = labels.reshape(-1) != ignore_index
+        ps, pt = ps[keep], pt[keep]
+    inter = 1 - _pearson_rows(ps, pt, eps).mean()
+    intra = 1 - _pearson_rows(ps.t(), pt.t(), eps).mean()
+    return temperature**2 * (beta * inter + gamma * intra)

@@ -1,0 +1,70 @@
+"""Pieces shared by every row kernel: the online-softmax update and the launch geometry.
+
+A "row" is one distribution over the vocabulary: V logits read with a row stride and a column
+stride (1 for contiguous rows; anything for sliced or transposed inputs).  Offsets are int64.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Largest block of columns a program holds at once; longer rows loop over blocks.
+MAX_BLOCK = 4096
+
+
+@triton.jit
+def row_offsets(row, stride_row, cols, stride_col, UNIT_COL: tl.constexpr):
+    """int64 element offsets of `cols` in `row`; int32 column arithmetic when the columns are unit-stride."""
+    if UNIT_COL:
+        return row * stride_row + cols
+    else:
+        return row * stride_row + cols.to(tl.int64) * stride_col
+
+
+@triton.jit
+def online_lse_update(m, z, x):
+    """One block of the online softmax (Milakov & Gimelshein 2018).
+
+    State: m = running max, z = sum exp(x - m).  Returns the new state, the factor that rescales
+    sums kept relative to the old max, and e = exp(x - m_new) for the block.  A state or block that
+    is all -inf keeps m = -inf and gives zeros, never -inf - (-inf) = NaN.
+    """
+    m_new = tl.maximum(m, tl.max(x, 0))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - shift)
+    e = tl.exp(x - shift)
+    return m_new, z * alpha + tl.sum(e, 0), alpha, e
+
+
+def acc_dtype(*dtypes):
+    """Accumulation dtype: fp64 when an input is fp64 (gradcheck runs on the kernels), fp32 otherwise."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def tl_acc_dtype(*dtypes):
+    return tl.float64 if torch.float64 in dtypes else tl.float32
+
+
+def block_config(V, dtype):
+    """Columns per block and warps per program for a row of length V."""
+    max_block = MAX_BLOCK if dtype.itemsize <= 4 else MAX_BLOCK // 2
+    block = min(max(triton.next_power_of_2(V), 16), max_block)
+    num_warps = 8 if block >= 2048 else 4 if block >= 512 else 2 if block >= 128 else 1
+    return block, num_warps
+
+
+def as_rows(x):
+    """View `x[..., V]` as `[N, V]` without copying when the leading dims collapse into one stride.
+
+    Sliced and transposed rows keep their strides (the kernels take both); only leading dims that
+    cannot be collapsed into one row stride (e.g. `x[:, :-1]` of a 3-D tensor) are copied.
+    """
+    V = x.shape[-1]
+    try:
+        return x.view(-1, V)
+    except RuntimeError:
+        return x.reshape(-1, V)
+
+
+def labels_rows(labels):
+    """Flattened labels and whether any were given (a dummy pointer is passed when none)."""
+    return (labels.reshape(-1), True) if labels is not None else (None, False)

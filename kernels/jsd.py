@@ -1,0 +1,163 @@
+"""Generalized Jensen-Shannon divergence (TRL's beta convention), from raw logits.
+
+With log p_s, log p_t the temperature log-softmaxes and the mixture m = (1 - beta) p_s + beta p_t:
+
+    JSD = beta KL(p_t || m) + (1 - beta) KL(p_s || m),   0 < beta < 1
+
+(beta = 0 and 1 are forward and reverse KL: the host sends them to the KL kernels).
+Forward reads both rows twice: an online pass for the two logsumexps (the mixture needs both
+normalizers), then a pass that sums the two KLs.  It writes the loss T^2 JSD and the statistics
+(lse_s, lse_t, KL(p_s || m), KL(p_t || m)).  Backward re-reads both rows once and writes
+    dL/dx_s = g T (1 - beta) p_s (log p_s - log m - KL(p_s || m)),
+    dL/dx_t = g T beta p_t (log p_t - log m - KL(p_t || m)).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import acc_dtype, as_rows, block_config, labels_rows, online_lse_update, row_offsets, tl_acc_dtype
+
+
+@triton.jit
+def _log_probs_and_mixture(s_ptr, t_ptr, row, cols, mask, stride_s, stride_sc, stride_t, stride_tc,
+                           inv_t, lse_s, lse_t, beta, UNIT_S: tl.constexpr, UNIT_T: tl.constexpr,
+                           ACC: tl.constexpr):
+    """log p_s, log p_t, p_s, p_t and log m for one block of columns."""
+    s = tl.load(s_ptr + row_offsets(row, stride_s, cols, stride_sc, UNIT_S), mask=mask, other=float("-inf"))
+    t = tl.load(t_ptr + row_offsets(row, stride_t, cols, stride_tc, UNIT_T), mask=mask, other=float("-inf"))
+    log_ps = s.to(ACC) * inv_t - lse_s
+    log_pt = t.to(ACC) * inv_t - lse_t
+    ps = tl.exp(log_ps)
+    pt = tl.exp(log_pt)
+    log_m = tl.log((1.0 - beta) * ps + beta * pt)
+    return log_ps, log_pt, ps, pt, log_m
+
+
+@triton.jit
+def jsd_forward_kernel(
+    s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr,
+    V, stride_s, stride_sc, stride_t, stride_tc,
+    beta: tl.float64, temperature: tl.float64, ignore_index,
+    HAS_LABELS: tl.constexpr, UNIT_S: tl.constexpr, UNIT_T: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per row: reads both rows twice; writes loss[row] = T^2 JSD and stats[row] = (lse_s, lse_t, KL(p_s||m), KL(p_t||m))."""
+    row = tl.program_id(0).to(tl.int64)
+    temp = tl.full((), temperature, ACC)
+    inv_t = 1.0 / temp
+    w = tl.full((), beta, ACC)
+    active = True
+    if HAS_LABELS:
+        active = tl.load(labels_ptr + row) != ignore_index
+    m_s = tl.full((), float("-inf"), ACC)
+    m_t = tl.full((), float("-inf"), ACC)
+    z_s = tl.zeros((), ACC)
+    z_t = tl.zeros((), ACC)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = (cols < V) & active
+        s = tl.load(s_ptr + row_offsets(row, stride_s, cols, stride_sc, UNIT_S), mask=mask, other=float("-inf"))
+        t = tl.load(t_ptr + row_offsets(row, stride_t, cols, stride_tc, UNIT_T), mask=mask, other=float("-inf"))
+        m_s, z_s, _, _ = online_lse_update(m_s, z_s, s.to(ACC) * inv_t)
+        m_t, z_t, _, _ = online_lse_update(m_t, z_t, t.to(ACC) * inv_t)
+    lse_s = m_s + tl.log(z_s)
+    lse_t = m_t + tl.log(z_t)
+    kl_sm = tl.zeros((), ACC)
+    kl_tm = tl.zeros((), ACC)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = (cols < V) & active
+        log_ps, log_pt, ps, pt, log_m = _log_probs_and_mixture(
+            s_ptr, t_ptr, row, cols, mask, stride_s, stride_sc, stride_t, stride_tc,
+            inv_t, lse_s, lse_t, w, UNIT_S, UNIT_T, ACC)
+        # terms with p = 0 vanish (0 log 0 = 0), also where m underflows with them
+        kl_sm += tl.sum(tl.where(ps > 0, ps * (log_ps - log_m), 0.0), 0)
+        kl_tm += tl.sum(tl.where(pt > 0, pt * (log_pt - log_m), 0.0), 0)
+    kl_sm = tl.where(active, tl.maximum(kl_sm, 0.0), 0.0)
+    kl_tm = tl.where(active, tl.maximum(kl_tm, 0.0), 0.0)
+    tl.store(loss_ptr + row, (w * kl_tm + (1.0 - w) * kl_sm) * temp * temp)
+    tl.store(stats_ptr + 4 * row, tl.where(active, lse_s, 0.0))
+    tl.store(stats_ptr + 4 * row + 1, tl.where(active, lse_t, 0.0))
+    tl.store(stats_ptr + 4 * row + 2, kl_sm)
+    tl.store(stats_ptr + 4 * row + 3, kl_tm)
+
+
+@triton.jit
+def jsd_backward_kernel(
+    s_ptr, t_ptr, labels_ptr, stats_ptr, grad_loss_ptr, grad_s_ptr, grad_t_ptr,
+    V, stride_s, stride_sc, stride_t, stride_tc, stride_g,
+    beta: tl.float64, temperature: tl.float64, ignore_index,
+    HAS_LABELS: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+    UNIT_S: tl.constexpr, UNIT_T: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per row: re-reads both rows once; writes dL/dx_s and/or dL/dx_t (formulas in the module docstring)."""
+    row = tl.program_id(0).to(tl.int64)
+    temp = tl.full((), temperature, ACC)
+    inv_t = 1.0 / temp
+    w = tl.full((), beta, ACC)
+    active = True
+    if HAS_LABELS:
+        active = tl.load(labels_ptr + row) != ignore_index
+    lse_s = tl.load(stats_ptr + 4 * row)
+    lse_t = tl.load(stats_ptr + 4 * row + 1)
+    kl_sm = tl.load(stats_ptr + 4 * row + 2)
+    kl_tm = tl.load(stats_ptr + 4 * row + 3)
+    g = tl.load(grad_loss_ptr + row * stride_g).to(ACC) * temp
+    g = tl.where(active, g, 0.0)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < V
+        log_ps, log_pt, ps, pt, log_m = _log_probs_and_mixture(
+            s_ptr, t_ptr, row, cols, mask & active, stride_s, stride_sc, stride_t, stride_tc,
+            inv_t, lse_s, lse_t, w, UNIT_S, UNIT_T, ACC)
+        out = row * V + cols
+        if GRAD_S:
+            ds = tl.where(ps > 0, g * (1.0 - w) * ps * (log_ps - log_m - kl_sm), 0.0)
+            tl.store(grad_s_ptr + out, ds.to(grad_s_ptr.dtype.element_ty), mask=mask)
+        if GRAD_T:
+            dt = tl.where(pt > 0, g * w * pt * (log_pt - log_m - kl_tm), 0.0)
+            tl.store(grad_t_ptr + out, dt.to(grad_t_ptr.dtype.element_ty), mask=mask)
+
+
+def jsd_rows(s, t, beta, temperature, labels, ignore_index):
+    """Row losses T^2 JSD_beta of logits `s`, `t` ([..., V]) -> (loss [N], stats [N, 4])."""
+    s2, t2 = as_rows(s), as_rows(t)
+    N, V = s2.shape
+    acc = acc_dtype(s.dtype, t.dtype)
+    loss = torch.empty(N, dtype=acc, device=s.device)
+    stats = torch.empty(N, 4, dtype=acc, device=s.device)
+    if N == 0:
+        return loss, stats
+    lab, has_labels = labels_rows(labels)
+    block, num_warps = block_config(V, s.dtype)
+    jsd_forward_kernel[(N,)](
+        s2, t2, lab if has_labels else loss, loss, stats,
+        V, s2.stride(0), s2.stride(1), t2.stride(0), t2.stride(1),
+        float(beta), float(temperature), ignore_index,
+        HAS_LABELS=has_labels, UNIT_S=s2.stride(1) == 1, UNIT_T=t2.stride(1) == 1,
+        ACC=tl_acc_dtype(s.dtype, t.dtype), BLOCK=block, num_warps=num_warps,
+    )
+    return loss, stats
+
+
+def jsd_rows_backward(grad_loss, s, t, stats, beta, temperature, labels, ignore_index, grad_s, grad_t):
+    """Gradients (dL/ds, dL/dt) of the row losses, each shaped like its input, or None where not asked."""
+    s2, t2 = as_rows(s), as_rows(t)
+    N, V = s2.shape
+    gs = torch.empty(s.shape, dtype=s.dtype, device=s.device) if grad_s else None
+    gt = torch.empty(t.shape, dtype=t.dtype, device=t.device) if grad_t else None
+    if N == 0 or not (grad_s or grad_t):
+        return gs, gt
+    lab, has_labels = labels_rows(labels)
+    g = grad_loss.reshape(-1) if grad_loss.dim() else grad_loss.expand(N)
+    block, num_warps = block_config(V, s.dtype)
+    jsd_backward_kernel[(N,)](
+        s2, t2, lab if has_labels else stats, stats, g,
+        gs if grad_s else gt, gt if grad_t else gs,
+        V, s2.stride(0), s2.stride(1), t2.stride(0), t2.stride(1), g.stride(0),
+        float(beta), float(temperature), ignore_index,
+        HAS_LABELS=has_labels, GRAD_S=grad_s, GRAD_T=grad_t,
+        UNIT_S=s2.stride(1) == 1, UNIT_T=t2.stride(1) == 1,
+        ACC=tl_acc_dtype(s.dtype, t.dtype), BLOCK=block, num_warps=num_warps,
+    )
+    return gs, gt

@@ -1,0 +1,144 @@
+"""KL divergence between two temperature softmaxes, from raw logits.
+
+Both directions use one pair of kernels written for KL(P || Q), where P is the weighting
+distribution: forward KL(p_t || p_s) passes (P, Q) = (teacher, student), reverse KL(p_s || p_t)
+passes (student, teacher).  With a = x_P / T and b = x_Q / T:
+
+    KL = sum_j p_j (a_j - b_j) - lse(a) + lse(b)
+
+Forward reads each row once (online softmax for both rows, plus A = sum exp(a - m_a)(a - b) under
+the same rescaling) and writes, per row, the loss T^2 KL and the statistics (lse_a, lse_b, KL).
+Backward re-reads both rows once and writes the gradients
+    dL/dx_Q = g T (q - p),        dL/dx_P = g T p (log p - log q - KL),
+g being the incoming gradient of the row's loss.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import acc_dtype, as_rows, block_config, labels_rows, online_lse_update, row_offsets, tl_acc_dtype
+
+
+@triton.jit
+def kl_forward_kernel(
+    p_ptr, q_ptr, labels_ptr, loss_ptr, stats_ptr,
+    V, stride_p, stride_pc, stride_q, stride_qc,
+    temperature: tl.float64, ignore_index,
+    HAS_LABELS: tl.constexpr, UNIT_P: tl.constexpr, UNIT_Q: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per row: reads V logits of P and of Q once; writes loss[row] = T^2 KL and stats[row] = (lse_a, lse_b, KL)."""
+    row = tl.program_id(0).to(tl.int64)
+    temp = tl.full((), temperature, ACC)
+    inv_t = 1.0 / temp
+    active = True
+    if HAS_LABELS:
+        active = tl.load(labels_ptr + row) != ignore_index
+    m_a = tl.full((), float("-inf"), ACC)
+    m_b = tl.full((), float("-inf"), ACC)
+    z_a = tl.zeros((), ACC)
+    z_b = tl.zeros((), ACC)
+    acc = tl.zeros((), ACC)  # sum exp(a - m_a) (a - b), rescaled with m_a
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = (cols < V) & active
+        a = tl.load(p_ptr + row_offsets(row, stride_p, cols, stride_pc, UNIT_P), mask=mask, other=float("-inf"))
+        b = tl.load(q_ptr + row_offsets(row, stride_q, cols, stride_qc, UNIT_Q), mask=mask, other=float("-inf"))
+        a = a.to(ACC) * inv_t
+        b = b.to(ACC) * inv_t
+        m_a, z_a, alpha, e_a = online_lse_update(m_a, z_a, a)
+        m_b, z_b, _, _ = online_lse_update(m_b, z_b, b)
+        # p_j = 0 terms contribute nothing (also where a = b = -inf or the lane is masked)
+        acc = acc * alpha + tl.sum(tl.where(e_a > 0, e_a * (a - b), 0.0), 0)
+    # lse(b) - lse(a) as one log of a ratio: no cancellation between two large logsumexps
+    kl = acc / z_a + (m_b - m_a) + tl.log(z_b / z_a)
+    kl = tl.where(active, tl.maximum(kl, 0.0), 0.0)
+    tl.store(loss_ptr + row, kl * temp * temp)
+    tl.store(stats_ptr + 3 * row, tl.where(active, m_a + tl.log(z_a), 0.0))
+    tl.store(stats_ptr + 3 * row + 1, tl.where(active, m_b + tl.log(z_b), 0.0))
+    tl.store(stats_ptr + 3 * row + 2, kl)
+
+
+@triton.jit
+def kl_backward_kernel(
+    p_ptr, q_ptr, labels_ptr, stats_ptr, grad_loss_ptr, grad_p_ptr, grad_q_ptr,
+    V, stride_p, stride_pc, stride_q, stride_qc, stride_g,
+    temperature: tl.float64, ignore_index,
+    HAS_LABELS: tl.constexpr, GRAD_P: tl.constexpr, GRAD_Q: tl.constexpr,
+    UNIT_P: tl.constexpr, UNIT_Q: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per row: re-reads V logits of P and Q; writes dL/dx_Q = g T (q - p) and/or dL/dx_P = g T p (log p - log q - KL).
+
+    Gradients are contiguous [N, V]; ignored rows get zeros.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    temp = tl.full((), temperature, ACC)
+    inv_t = 1.0 / temp
+    active = True
+    if HAS_LABELS:
+        active = tl.load(labels_ptr + row) != ignore_index
+    lse_a = tl.load(stats_ptr + 3 * row)
+    lse_b = tl.load(stats_ptr + 3 * row + 1)
+    kl = tl.load(stats_ptr + 3 * row + 2)
+    g = tl.load(grad_loss_ptr + row * stride_g).to(ACC) * temp
+    g = tl.where(active, g, 0.0)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < V
+        load_mask = mask & active
+        a = tl.load(p_ptr + row_offsets(row, stride_p, cols, stride_pc, UNIT_P), mask=load_mask, other=float("-inf"))
+        b = tl.load(q_ptr + row_offsets(row, stride_q, cols, stride_qc, UNIT_Q), mask=load_mask, other=float("-inf"))
+        log_p = a.to(ACC) * inv_t - lse_a
+        log_q = b.to(ACC) * inv_t - lse_b
+        p = tl.exp(log_p)
+        q = tl.exp(log_q)
+        out = row * V + cols
+        if GRAD_Q:
+            tl.store(grad_q_ptr + out, (g * (q - p)).to(grad_q_ptr.dtype.element_ty), mask=mask)
+        if GRAD_P:
+            dp = tl.where(p > 0, g * p * (log_p - log_q - kl), 0.0)
+            tl.store(grad_p_ptr + out, dp.to(grad_p_ptr.dtype.element_ty), mask=mask)
+
+
+def kl_div_rows(p, q, temperature, labels, ignore_index):
+    """Row losses T^2 KL(P || Q) of logits `p`, `q` ([..., V]) -> (loss [N], stats [N, 3])."""
+    p2, q2 = as_rows(p), as_rows(q)
+    N, V = p2.shape
+    acc = acc_dtype(p.dtype, q.dtype)
+    loss = torch.empty(N, dtype=acc, device=p.device)
+    stats = torch.empty(N, 3, dtype=acc, device=p.device)
+    if N == 0:
+        return loss, stats
+    lab, has_labels = labels_rows(labels)
+    block, num_warps = block_config(V, p.dtype)
+    kl_forward_kernel[(N,)](
+        p2, q2, lab if has_labels else loss, loss, stats,
+        V, p2.stride(0), p2.stride(1), q2.stride(0), q2.stride(1),
+        float(temperature), ignore_index,
+        HAS_LABELS=has_labels, UNIT_P=p2.stride(1) == 1, UNIT_Q=q2.stride(1) == 1,
+        ACC=tl_acc_dtype(p.dtype, q.dtype), BLOCK=block, num_warps=num_warps,
+    )
+    return loss, stats
+
+
+def kl_div_rows_backward(grad_loss, p, q, stats, temperature, labels, ignore_index, grad_p, grad_q):
+    """Gradients (dL/dp, dL/dq) of the row losses, each shaped like its input, or None where not asked."""
+    p2, q2 = as_rows(p), as_rows(q)
+    N, V = p2.shape
+    gp = torch.empty(p.shape, dtype=p.dtype, device=p.device) if grad_p else None
+    gq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if grad_q else None
+    if N == 0 or not (grad_p or grad_q):
+        return gp, gq
+    lab, has_labels = labels_rows(labels)
+    g = grad_loss.reshape(-1) if grad_loss.dim() else grad_loss.expand(N)
+    block, num_warps = block_config(V, p.dtype)
+    kl_backward_kernel[(N,)](
+        p2, q2, lab if has_labels else stats, stats, g,
+        gp if grad_p else gq, gq if grad_q else gp,
+        V, p2.stride(0), p2.stride(1), q2.stride(0), q2.stride(1), g.stride(0),
+        float(temperature), ignore_index,
+        HAS_LABELS=has_labels, GRAD_P=grad_p, GRAD_Q=grad_q,
+        UNIT_P=p2.stride(1) == 1, UNIT_Q=q2.stride(1) == 1,
+        ACC=tl_acc_dtype(p.dtype, q.dtype), BLOCK=block, num_warps=num_warps,
+    )
+    return gp, gq

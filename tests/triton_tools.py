@@ -1,0 +1,164 @@
+"""Test helpers for Triton kernels: offline NVIDIA compile reports and interpreter byte counting.
+
+* ``compile_report`` compiles a kernel for an NVIDIA target without a GPU and reports registers,
+  local-memory (spill) bytes and the SASS, so tests can check e.g. that loads are 128-bit.
+* ``count_bytes`` counts the global-memory bytes that kernels read and write while they run
+  under ``TRITON_INTERPRET=1``.
+
+Both work with Triton 3.6 and 3.9.
+"""
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+import types
+from dataclasses import dataclass, field
+
+import numpy as np
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime import interpreter
+from triton.runtime.jit import JITFunction
+
+_NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+_LDG_128 = re.compile(r"\bLDG(\.\w+)*\.128\b")
+_STG_128 = re.compile(r"\bSTG(\.\w+)*\.128\b")
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    """Resource usage and SASS of one compiled kernel."""
+
+    registers: int
+    spill_bytes: int  # per-thread local memory (cuobjdump STACK + LOCAL); spills are what put bytes here
+    sass: str
+
+    @property
+    def has_128bit_loads(self) -> bool:
+        """Whether the SASS has a 128-bit global load (nvdisasm prints e.g. ``LDG.E.128``)."""
+        return _LDG_128.search(self.sass) is not None
+
+    @property
+    def has_128bit_stores(self) -> bool:
+        """Whether the SASS has a 128-bit global store (nvdisasm prints e.g. ``STG.E.128``)."""
+        return _STG_128.search(self.sass) is not None
+
+
+def _as_jit(kernel, memo=None):
+    """Return a compilable ``JITFunction`` for ``kernel``.
+
+    Unwraps ``triton.autotune`` / ``triton.heuristics`` wrappers. Under ``TRITON_INTERPRET=1``
+    ``@triton.jit`` yields ``InterpretedFunction`` objects; these are re-wrapped as
+    ``JITFunction`` together with the interpreted ``@triton.jit`` helpers the kernel references by
+    global or closure name (helpers reached as ``module.attr`` are not converted).
+    """
+    while not isinstance(kernel, (JITFunction, interpreter.InterpretedFunction)):
+        kernel = kernel.fn
+    if isinstance(kernel, JITFunction):
+        return kernel
+    memo = {} if memo is None else memo
+    if kernel in memo:
+        return memo[kernel]
+    fn = kernel.fn
+    scope = dict(fn.__globals__)
+    closure = fn.__closure__ and tuple(types.CellType(cell.cell_contents) for cell in fn.__closure__)
+    clone = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, closure)
+    clone.__kwdefaults__, clone.__module__, clone.__qualname__ = fn.__kwdefaults__, fn.__module__, fn.__qualname__
+    memo[kernel] = jit = JITFunction(clone, **kernel.kwargs)
+    for name in fn.__code__.co_names:
+        if isinstance(scope.get(name), interpreter.InterpretedFunction):
+            scope[name] = _as_jit(scope[name], memo)
+    for cell in closure or ():
+        if isinstance(cell.cell_contents, interpreter.InterpretedFunction):
+            cell.cell_contents = _as_jit(cell.cell_contents, memo)
+    return jit
+
+
+def _tool(name, *args):
+    return subprocess.run([os.path.join(_NVIDIA_BIN, name), *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def compile_report(kernel, signature: dict, constexprs: dict, arch: int = 90, num_warps: int = 4,
+                   divisibility: dict | None = None) -> CompileReport:
+    """Compile ``kernel`` for ``sm_<arch>`` (no GPU needed) and report its resource usage and SASS.
+
+    ``signature`` maps runtime argument names to Triton types (``"*bf16"``, ``"i32"``, ``"fp32"``...);
+    ``constexprs`` maps constexpr argument names to values. ``divisibility`` maps argument names to
+    ``tt.divisibility`` hints; pointer arguments default to 16 (as a launch with 16-byte aligned
+    tensors does). A launch specializes an integer argument that is a multiple of 16 the same way,
+    so pass e.g. ``{"stride": 16}`` to model that.
+    """
+    jit = _as_jit(kernel)
+    hints = {name: 16 for name, ty in signature.items() if ty.startswith("*")} | (divisibility or {})
+    attrs = {(jit.arg_names.index(name), ): [["tt.divisibility", value]] for name, value in hints.items()}
+    full_signature = {name: signature.get(name, "constexpr") for name in jit.arg_names}
+    src = ASTSource(fn=jit, signature=full_signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = _tool("cuobjdump", "--dump-resource-usage", cubin)
+        sass = _tool("nvdisasm", cubin)
+    line = re.search(rf"Function {re.escape(compiled.metadata.name)}:\s*\n(.*)", usage).group(1)
+    res = {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", line)}
+    return CompileReport(registers=res["REG"], spill_bytes=res["STACK"] + res["LOCAL"], sass=sass)
+
+
+@dataclass
+class Traffic:
+    """Global-memory bytes read and written; ``by_kernel`` splits them by kernel name."""
+
+    read: int = 0
+    written: int = 0
+    by_kernel: dict = field(default_factory=dict)
+
+    def _add(self, kernel, read=0, written=0):
+        for t in (self, self.by_kernel.setdefault(kernel, Traffic())):
+            t.read += read
+            t.written += written
+
+
+def _accessed_bytes(ptrs, mask):
+    """Bytes touched by an interpreter load/store: active lanes times the element size."""
+    lanes = np.count_nonzero(np.broadcast_to(mask.data, ptrs.data.shape))
+    return lanes * ((ptrs.get_element_ty().primitive_bitwidth + 7) // 8)
+
+
+@contextlib.contextmanager
+def count_bytes():
+    """Count bytes moved by ``tl.load`` / ``tl.store`` in kernels run under ``TRITON_INTERPRET=1``.
+
+    Yields a ``Traffic``. Only unmasked lanes count. Every interpreter load and store goes through
+    ``create_masked_load`` / ``create_masked_store`` (plain, block-pointer and tensor-descriptor
+    accesses included), so those are the patched methods; atomics are not counted.
+    """
+    traffic = Traffic()
+    builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
+    load, store, run = builder.create_masked_load, builder.create_masked_store, executor.__call__
+    kernel = [None]
+
+    def counting_load(self, ptrs, mask, *args, **kwargs):
+        traffic._add(kernel[0], read=_accessed_bytes(ptrs, mask))
+        return load(self, ptrs, mask, *args, **kwargs)
+
+    def counting_store(self, ptrs, value, mask, *args, **kwargs):
+        traffic._add(kernel[0], written=_accessed_bytes(ptrs, mask))
+        return store(self, ptrs, value, mask, *args, **kwargs)
+
+    def named_run(self, *args, **kwargs):
+        kernel[0] = self.fn.__name__
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            kernel[0] = None
+
+    builder.create_masked_load, builder.create_masked_store = counting_load, counting_store
+    executor.__call__ = named_run
+    try:
+        yield traffic
+    finally:
+        builder.create_masked_load, builder.create_masked_store, executor.__call__ = load, store, run
