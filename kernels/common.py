@@ -21,6 +21,15 @@ def row_offsets(row, stride_row, cols, stride_col, UNIT_COL: tl.constexpr):
 
 
 @triton.jit
+def counted_length(labels_ptr, row, V, ignore_index, HAS_LABELS: tl.constexpr):
+    """Columns to read in `row`: V, or 0 when its label is ignore_index (the row counts for nothing)."""
+    if HAS_LABELS:
+        return tl.where(tl.load(labels_ptr + row) != ignore_index, V, 0)
+    else:
+        return V
+
+
+@triton.jit
 def online_lse_update(m, z, x):
     """One block of the online softmax (Milakov & Gimelshein 2018).
 

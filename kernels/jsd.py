@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, as_rows, block_config, labels_rows, online_lse_update, row_offsets, tl_acc_dtype
+from .common import acc_dtype, as_rows, block_config, counted_length, labels_rows, online_lse_update, row_offsets, tl_acc_dtype
 
 
 @triton.jit
@@ -46,16 +46,15 @@ def jsd_forward_kernel(
     temp = tl.full((), temperature, ACC)
     inv_t = 1.0 / temp
     w = tl.full((), beta, ACC)
-    active = True
-    if HAS_LABELS:
-        active = tl.load(labels_ptr + row) != ignore_index
+    n = counted_length(labels_ptr, row, V, ignore_index, HAS_LABELS)
+    active = n > 0
     m_s = tl.full((), float("-inf"), ACC)
     m_t = tl.full((), float("-inf"), ACC)
     z_s = tl.zeros((), ACC)
     z_t = tl.zeros((), ACC)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = (cols < V) & active
+        mask = cols < n
         s = tl.load(s_ptr + row_offsets(row, stride_s, cols, stride_sc, UNIT_S), mask=mask, other=float("-inf"))
         t = tl.load(t_ptr + row_offsets(row, stride_t, cols, stride_tc, UNIT_T), mask=mask, other=float("-inf"))
         m_s, z_s, _, _ = online_lse_update(m_s, z_s, s.to(ACC) * inv_t)
@@ -66,7 +65,7 @@ def jsd_forward_kernel(
     kl_tm = tl.zeros((), ACC)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = (cols < V) & active
+        mask = cols < n
         log_ps, log_pt, ps, pt, log_m = _log_probs_and_mixture(
             s_ptr, t_ptr, row, cols, mask, stride_s, stride_sc, stride_t, stride_tc,
             inv_t, lse_s, lse_t, w, UNIT_S, UNIT_T, ACC)
@@ -95,9 +94,8 @@ def jsd_backward_kernel(
     temp = tl.full((), temperature, ACC)
     inv_t = 1.0 / temp
     w = tl.full((), beta, ACC)
-    active = True
-    if HAS_LABELS:
-        active = tl.load(labels_ptr + row) != ignore_index
+    n = counted_length(labels_ptr, row, V, ignore_index, HAS_LABELS)
+    active = n > 0
     lse_s = tl.load(stats_ptr + 4 * row)
     lse_t = tl.load(stats_ptr + 4 * row + 1)
     kl_sm = tl.load(stats_ptr + 4 * row + 2)
@@ -108,7 +106,7 @@ def jsd_backward_kernel(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
         log_ps, log_pt, ps, pt, log_m = _log_probs_and_mixture(
-            s_ptr, t_ptr, row, cols, mask & active, stride_s, stride_sc, stride_t, stride_tc,
+            s_ptr, t_ptr, row, cols, cols < n, stride_s, stride_sc, stride_t, stride_tc,
             inv_t, lse_s, lse_t, w, UNIT_S, UNIT_T, ACC)
         out = row * V + cols
         if GRAD_S:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, as_rows, block_config, labels_rows, online_lse_update, row_offsets, tl_acc_dtype
+from .common import acc_dtype, as_rows, block_config, counted_length, labels_rows, online_lse_update, row_offsets, tl_acc_dtype
 
 
 @triton.jit
@@ -31,9 +31,8 @@ def kl_forward_kernel(
     row = tl.program_id(0).to(tl.int64)
     temp = tl.full((), temperature, ACC)
     inv_t = 1.0 / temp
-    active = True
-    if HAS_LABELS:
-        active = tl.load(labels_ptr + row) != ignore_index
+    n = counted_length(labels_ptr, row, V, ignore_index, HAS_LABELS)
+    active = n > 0
     m_a = tl.full((), float("-inf"), ACC)
     m_b = tl.full((), float("-inf"), ACC)
     z_a = tl.zeros((), ACC)
@@ -41,7 +40,7 @@ def kl_forward_kernel(
     acc = tl.zeros((), ACC)  # sum exp(a - m_a) (a - b), rescaled with m_a
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = (cols < V) & active
+        mask = cols < n
         a = tl.load(p_ptr + row_offsets(row, stride_p, cols, stride_pc, UNIT_P), mask=mask, other=float("-inf"))
         b = tl.load(q_ptr + row_offsets(row, stride_q, cols, stride_qc, UNIT_Q), mask=mask, other=float("-inf"))
         a = a.to(ACC) * inv_t
@@ -74,9 +73,8 @@ def kl_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     temp = tl.full((), temperature, ACC)
     inv_t = 1.0 / temp
-    active = True
-    if HAS_LABELS:
-        active = tl.load(labels_ptr + row) != ignore_index
+    n = counted_length(labels_ptr, row, V, ignore_index, HAS_LABELS)
+    active = n > 0
     lse_a = tl.load(stats_ptr + 3 * row)
     lse_b = tl.load(stats_ptr + 3 * row + 1)
     kl = tl.load(stats_ptr + 3 * row + 2)
@@ -85,7 +83,7 @@ def kl_backward_kernel(
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
-        load_mask = mask & active
+        load_mask = cols < n
         a = tl.load(p_ptr + row_offsets(row, stride_p, cols, stride_pc, UNIT_P), mask=load_mask, other=float("-inf"))
         b = tl.load(q_ptr + row_offsets(row, stride_q, cols, stride_qc, UNIT_Q), mask=load_mask, other=float("-inf"))
         log_p = a.to(ACC) * inv_t - lse_a

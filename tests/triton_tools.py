@@ -65,7 +65,8 @@ def _as_jit(kernel, memo=None):
     scope = dict(fn.__globals__)
     closure = fn.__closure__ and tuple(types.CellType(cell.cell_contents) for cell in fn.__closure__)
     clone = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, closure)
-    clone.__kwdefaults__, clone.__module__, clone.__qualname__ = fn.__kwdefaults__, fn.__module__, fn.__qualname__
+    for attr in ("__kwdefaults__", "__annotations__", "__module__", "__qualname__", "__doc__"):
+        setattr(clone, attr, getattr(fn, attr))
     memo[kernel] = jit = JITFunction(clone, **kernel.kwargs)
     for name in fn.__code__.co_names:
         if isinstance(scope.get(name), interpreter.InterpretedFunction):
@@ -86,16 +87,17 @@ def compile_report(kernel, signature: dict, constexprs: dict, arch: int = 90, nu
     """Compile ``kernel`` for ``sm_<arch>`` (no GPU needed) and report its resource usage and SASS.
 
     ``signature`` maps runtime argument names to Triton types (``"*bf16"``, ``"i32"``, ``"fp32"``...);
-    ``constexprs`` maps constexpr argument names to values. ``divisibility`` maps argument names to
-    ``tt.divisibility`` hints; pointer arguments default to 16 (as a launch with 16-byte aligned
-    tensors does). A launch specializes an integer argument that is a multiple of 16 the same way,
-    so pass e.g. ``{"stride": 16}`` to model that.
+    ``constexprs`` maps constexpr argument names to values (defaults fill the rest).
+    ``divisibility`` maps argument names to ``tt.divisibility`` hints; pointer arguments default to
+    16 (as a launch with 16-byte aligned tensors does). A launch specializes an integer argument
+    that is a multiple of 16 the same way, so pass e.g. ``{"stride": 16}`` to model that.
     """
     jit = _as_jit(kernel)
     hints = {name: 16 for name, ty in signature.items() if ty.startswith("*")} | (divisibility or {})
     attrs = {(jit.arg_names.index(name), ): [["tt.divisibility", value]] for name, value in hints.items()}
     full_signature = {name: signature.get(name, "constexpr") for name in jit.arg_names}
-    src = ASTSource(fn=jit, signature=full_signature, constexprs=constexprs, attrs=attrs)
+    defaults = {p.name: p.default for p in jit.params if p.is_constexpr and p.has_default}
+    src = ASTSource(fn=jit, signature=full_signature, constexprs=defaults | constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
@@ -124,7 +126,7 @@ class Traffic:
 
 def _accessed_bytes(ptrs, mask):
     """Bytes touched by an interpreter load/store: active lanes times the element size."""
-    lanes = np.count_nonzero(np.broadcast_to(mask.data, ptrs.data.shape))
+    lanes = int(np.count_nonzero(np.broadcast_to(mask.data, ptrs.data.shape)))
     return lanes * ((ptrs.get_element_ty().primitive_bitwidth + 7) // 8)
 
 
@@ -134,7 +136,8 @@ def count_bytes():
 
     Yields a ``Traffic``. Only unmasked lanes count. Every interpreter load and store goes through
     ``create_masked_load`` / ``create_masked_store`` (plain, block-pointer and tensor-descriptor
-    accesses included), so those are the patched methods; atomics are not counted.
+    accesses included), so those are the patched methods; atomic read-modify-writes (``tl.atomic_add``,
+    ``tl.atomic_cas``...) are not counted.
     """
     traffic = Traffic()
     builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor

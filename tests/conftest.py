@@ -1,0 +1,32 @@
+"""Test set-up: the real Triton kernels run on CPU tensors under the Triton interpreter.
+
+FASTKD_TEST_DEVICE=cuda runs the same tests on a GPU with compiled kernels (benchmarks/gpu_check.sh).
+TRITON_INTERPRET must be set before triton is imported, hence here, before anything else.
+"""
+import os
+import sys
+
+DEVICE = os.environ.get("FASTKD_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """Every float tensor from torch.empty starts as NaN, so an element a kernel fails to write shows."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", poisoned)

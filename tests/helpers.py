@@ -1,0 +1,34 @@
+"""Comparison helpers: fp64 oracles and norm-wise relative errors."""
+import torch
+
+
+def rel_err(a, b, floor=1e-9):
+    """Norm-wise relative error of a against the reference b; absolute where |b| < floor (exact zeros)."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / max(float(b.norm()), floor))
+
+
+def leaf(x, requires_grad=True):
+    return x.detach().clone().requires_grad_(requires_grad)
+
+
+def loss_and_grads(fn, s, t, *args, **kwargs):
+    """fn's loss and the gradients of its sum (or of a fixed random weighting for 'none') w.r.t. s and t."""
+    loss = fn(s, t, *args, **kwargs)
+    weight = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).view(loss.shape)
+    inputs = [x for x in (s, t) if x.requires_grad]
+    grads = torch.autograd.grad((loss * weight).sum(), inputs)
+    return loss.detach(), [g.detach() for g in grads]
+
+
+def compare_to_reference(fn, ref, s, t, *args, loss_tol, grad_tol, **kwargs):
+    """Run fn on (s, t) and ref on their fp64 copies; assert losses and gradients agree."""
+    s64, t64 = leaf(s.double(), s.requires_grad), leaf(t.double(), t.requires_grad)
+    loss, grads = loss_and_grads(fn, s, t, *args, **kwargs)
+    ref_loss, ref_grads = loss_and_grads(ref, s64, t64, *args, **kwargs)
+    assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
+    assert rel_err(loss, ref_loss) <= loss_tol, (float(loss.sum()), float(ref_loss.sum()))
+    for g, rg in zip(grads, ref_grads):
+        assert g.dtype == s.dtype and g.shape == s.shape
+        assert rel_err(g, rg) <= grad_tol, rel_err(g, rg)
+    return loss, ref_loss
