@@ -1,6 +1,6 @@
 """Triton device code for fastkd, installed as `fastkd.kernels`: one file per loss family."""
 from .jsd import jsd_rows, jsd_rows_backward
 from .kl import kl_div_rows, kl_div_rows_backward
-from .softmax import softmax, softmax_backward
+from .softmax import softmax_backward, softmax_forward
 
-__all__ = ["jsd_rows", "jsd_rows_backward", "kl_div_rows", "kl_div_rows_backward", "softmax", "softmax_backward"]
+__all__ = ["jsd_rows", "jsd_rows_backward", "kl_div_rows", "kl_div_rows_backward", "softmax_backward", "softmax_forward"]

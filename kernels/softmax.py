@@ -95,7 +95,7 @@ def softmax_backward_kernel(
             tl.store(dx_ptr + row * V + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def softmax(x, temperature, log):
+def softmax_forward(x, temperature, log):
     """softmax(x / T) (or its log) along the last dim; output contiguous, dtype of x."""
     x2 = as_rows(x)
     N, V = x2.shape

@@ -8,7 +8,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(__file__))
-from triton_tools import compile_report, count_bytes  # noqa: E402
+from fastkd.traffic import count_bytes  # noqa: E402
+from triton_tools import compile_report  # noqa: E402
 
 COPY_SIGNATURE = {"src": "*bf16", "dst": "*bf16", "stride": "i32", "n_cols": "i32"}
 

@@ -2,20 +2,17 @@
 
 * ``compile_report`` compiles a kernel for an NVIDIA target without a GPU and reports registers,
   local-memory (spill) bytes and the SASS, so tests can check e.g. that loads are 128-bit.
-* ``count_bytes`` counts the global-memory bytes that kernels read and write while they run
-  under ``TRITON_INTERPRET=1``.
+(The interpreter byte counter lives in the package: ``fastkd.traffic.count_bytes``.)
 
 Both work with Triton 3.6 and 3.9.
 """
-import contextlib
 import os
 import re
 import subprocess
 import tempfile
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -108,60 +105,3 @@ def compile_report(kernel, signature: dict, constexprs: dict, arch: int = 90, nu
     line = re.search(rf"Function {re.escape(compiled.metadata.name)}:\s*\n(.*)", usage).group(1)
     res = {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", line)}
     return CompileReport(registers=res["REG"], spill_bytes=res["STACK"] + res["LOCAL"], sass=sass)
-
-
-@dataclass
-class Traffic:
-    """Global-memory bytes read and written; ``by_kernel`` splits them by kernel name."""
-
-    read: int = 0
-    written: int = 0
-    by_kernel: dict = field(default_factory=dict)
-
-    def _add(self, kernel, read=0, written=0):
-        for t in (self, self.by_kernel.setdefault(kernel, Traffic())):
-            t.read += read
-            t.written += written
-
-
-def _accessed_bytes(ptrs, mask):
-    """Bytes touched by an interpreter load/store: active lanes times the element size."""
-    lanes = int(np.count_nonzero(np.broadcast_to(mask.data, ptrs.data.shape)))
-    return lanes * ((ptrs.get_element_ty().primitive_bitwidth + 7) // 8)
-
-
-@contextlib.contextmanager
-def count_bytes():
-    """Count bytes moved by ``tl.load`` / ``tl.store`` in kernels run under ``TRITON_INTERPRET=1``.
-
-    Yields a ``Traffic``. Only unmasked lanes count. Every interpreter load and store goes through
-    ``create_masked_load`` / ``create_masked_store`` (plain, block-pointer and tensor-descriptor
-    accesses included), so those are the patched methods; atomic read-modify-writes (``tl.atomic_add``,
-    ``tl.atomic_cas``...) are not counted.
-    """
-    traffic = Traffic()
-    builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
-    load, store, run = builder.create_masked_load, builder.create_masked_store, executor.__call__
-    kernel = [None]
-
-    def counting_load(self, ptrs, mask, *args, **kwargs):
-        traffic._add(kernel[0], read=_accessed_bytes(ptrs, mask))
-        return load(self, ptrs, mask, *args, **kwargs)
-
-    def counting_store(self, ptrs, value, mask, *args, **kwargs):
-        traffic._add(kernel[0], written=_accessed_bytes(ptrs, mask))
-        return store(self, ptrs, value, mask, *args, **kwargs)
-
-    def named_run(self, *args, **kwargs):
-        kernel[0] = self.fn.__name__
-        try:
-            return run(self, *args, **kwargs)
-        finally:
-            kernel[0] = None
-
-    builder.create_masked_load, builder.create_masked_store = counting_load, counting_store
-    executor.__call__ = named_run
-    try:
-        yield traffic
-    finally:
-        builder.create_masked_load, builder.create_masked_store, executor.__call__ = load, store, run

@@ -1,0 +1,130 @@
+"""Global-memory traffic of the fused kernels, counted under the Triton interpreter.
+
+`count_bytes()` counts the bytes that `tl.load` / `tl.store` touch (masked-off lanes excluded)
+while kernels run with TRITON_INTERPRET=1; the tests and `python -m fastkd.bench` use it to check
+the performance model of DESIGN.md section 4 (element sizes moved per logit element).  `OpLog`
+records the torch ops of a call: the allocations it makes and any host sync.
+"""
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from triton.runtime import interpreter
+
+from . import ops as fastkd_ops
+
+
+@dataclass
+class Traffic:
+    """Global-memory bytes read and written; ``by_kernel`` splits them by kernel name."""
+
+    read: int = 0
+    written: int = 0
+    by_kernel: dict = field(default_factory=dict)
+
+    def _add(self, kernel, read=0, written=0):
+        for t in (self, self.by_kernel.setdefault(kernel, Traffic())):
+            t.read += read
+            t.written += written
+
+
+def _accessed_bytes(ptrs, mask):
+    """Bytes touched by an interpreter load/store: active lanes times the element size."""
+    lanes = int(np.count_nonzero(np.broadcast_to(mask.data, ptrs.data.shape)))
+    return lanes * ((ptrs.get_element_ty().primitive_bitwidth + 7) // 8)
+
+
+@contextlib.contextmanager
+def count_bytes():
+    """Count bytes moved by ``tl.load`` / ``tl.store`` in kernels run under ``TRITON_INTERPRET=1``.
+
+    Yields a ``Traffic``. Only unmasked lanes count. Every interpreter load and store goes through
+    ``create_masked_load`` / ``create_masked_store`` (plain, block-pointer and tensor-descriptor
+    accesses included), so those are the patched methods; atomic read-modify-writes (``tl.atomic_add``,
+    ``tl.atomic_cas``...) are not counted.
+    """
+    traffic = Traffic()
+    builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
+    load, store, run = builder.create_masked_load, builder.create_masked_store, executor.__call__
+    kernel = [None]
+
+    def counting_load(self, ptrs, mask, *args, **kwargs):
+        traffic._add(kernel[0], read=_accessed_bytes(ptrs, mask))
+        return load(self, ptrs, mask, *args, **kwargs)
+
+    def counting_store(self, ptrs, value, mask, *args, **kwargs):
+        traffic._add(kernel[0], written=_accessed_bytes(ptrs, mask))
+        return store(self, ptrs, value, mask, *args, **kwargs)
+
+    def named_run(self, *args, **kwargs):
+        kernel[0] = self.fn.__name__
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            kernel[0] = None
+
+    builder.create_masked_load, builder.create_masked_store = counting_load, counting_store
+    executor.__call__ = named_run
+    try:
+        yield traffic
+    finally:
+        builder.create_masked_load, builder.create_masked_store, executor.__call__ = load, store, run
+
+
+class OpLog(TorchDispatchMode):
+    """Records the torch ops of a call, looking inside fastkd's custom ops, skipping kernel launches.
+
+    `ops` lists (op name, [output tensors]).  It shows allocations (outputs that share no storage with
+    the op's inputs) and host syncs (`aten._local_scalar_dense`).  Under the interpreter, a launch
+    copies its arguments to and from host buffers: those copies are the interpreter's, not ours.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+        self._in_kernel = 0
+        self._run = interpreter.GridExecutor.__call__
+
+    def __enter__(self):
+        log, run = self, self._run
+
+        def launch(executor, *args, **kwargs):
+            log._in_kernel += 1
+            try:
+                return run(executor, *args, **kwargs)
+            finally:
+                log._in_kernel -= 1
+
+        interpreter.GridExecutor.__call__ = launch
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        interpreter.GridExecutor.__call__ = self._run
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fastkd":  # run the op's Python body under this mode to see inside it
+            with self:
+                out = getattr(fastkd_ops, func._opname)._init_fn(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        if not self._in_kernel and func.namespace != "fastkd":  # a custom op's outputs were logged inside it
+            inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+            fresh = [t for t in _tensors(out) if t.untyped_storage().data_ptr() not in inputs]
+            self.ops.append((str(func), fresh))
+        return out
+
+    def allocations(self, min_numel):
+        """(op, shape) of every fresh tensor of at least `min_numel` elements."""
+        return [(name, tuple(t.shape)) for name, outs in self.ops for t in outs if t.numel() >= min_numel]
+
+    def host_syncs(self):
+        return [name for name, _ in self.ops if "_local_scalar_dense" in name or "item" in name]
+
+
+def _tensors(tree):
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]

@@ -1,0 +1,83 @@
+"""Compile every fastkd kernel for NVIDIA GPUs without a GPU and print a JSON report.
+
+Run in its own process without TRITON_INTERPRET (the interpreter patches triton.language):
+    python tests/codegen_report.py > report.json
+Each entry: registers, local-memory bytes (spills) and whether 128-bit global loads occur, for
+bf16 rows of V = 131072 (Triton's launcher marks V and row strides, divisible by 16, as such).
+"""
+import json
+import os
+import sys
+
+import torch
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fastkd import kernels  # noqa: E402
+from triton_tools import compile_report  # noqa: E402
+
+V = 131072
+ARCHS = (90, 80)
+ROW = {"V": "i32", "temperature": "fp64"}
+
+
+def _strides(*names):
+    return {n: "i64" for n in names}
+
+# kernel, runtime signature, constexprs (bf16 rows: 4096-column blocks, 8 warps)
+CASES = {
+    "kl_forward": (
+        kernels.kl.kl_forward_kernel,
+        {"p_ptr": "*bf16", "q_ptr": "*bf16", "labels_ptr": "*i64", "loss_ptr": "*fp32", "stats_ptr": "*fp32",
+         **ROW, **_strides("stride_p", "stride_q"), "ignore_index": "i32"},
+        {"HAS_LABELS": True, "UNIT_P": True, "UNIT_Q": True},
+    ),
+    "kl_backward": (
+        kernels.kl.kl_backward_kernel,
+        {"p_ptr": "*bf16", "q_ptr": "*bf16", "labels_ptr": "*i64", "stats_ptr": "*fp32", "grad_loss_ptr": "*fp32",
+         "grad_p_ptr": "*bf16", "grad_q_ptr": "*bf16", **ROW, **_strides("stride_p", "stride_q", "stride_g"),
+         "ignore_index": "i32"},
+        {"HAS_LABELS": True, "GRAD_P": True, "GRAD_Q": True, "UNIT_P": True, "UNIT_Q": True},
+    ),
+    "jsd_forward": (
+        kernels.jsd.jsd_forward_kernel,
+        {"s_ptr": "*bf16", "t_ptr": "*bf16", "labels_ptr": "*i64", "loss_ptr": "*fp32", "stats_ptr": "*fp32",
+         **ROW, **_strides("stride_s", "stride_t"), "beta": "fp64", "ignore_index": "i32"},
+        {"HAS_LABELS": True, "UNIT_S": True, "UNIT_T": True},
+    ),
+    "jsd_backward": (
+        kernels.jsd.jsd_backward_kernel,
+        {"s_ptr": "*bf16", "t_ptr": "*bf16", "labels_ptr": "*i64", "stats_ptr": "*fp32", "grad_loss_ptr": "*fp32",
+         "grad_s_ptr": "*bf16", "grad_t_ptr": "*bf16", **ROW, **_strides("stride_s", "stride_t", "stride_g"),
+         "beta": "fp64", "ignore_index": "i32"},
+        {"HAS_LABELS": True, "GRAD_S": True, "GRAD_T": True, "UNIT_S": True, "UNIT_T": True},
+    ),
+    "softmax_forward": (
+        kernels.softmax.softmax_forward_kernel,
+        {"x_ptr": "*bf16", "y_ptr": "*bf16", **ROW, **_strides("stride_x")},
+        {"LOG": False, "UNIT_X": True},
+    ),
+    "softmax_backward": (
+        kernels.softmax.softmax_backward_kernel,
+        {"y_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16", **ROW, **_strides("stride_dy")},
+        {"LOG": True, "UNIT_DY": True},
+    ),
+}
+
+
+def report():
+    block, num_warps = kernels.common.block_config(V, torch.bfloat16)
+    out = {}
+    for name, (kernel, signature, constexprs) in CASES.items():
+        divisibility = {n: 16 for n in signature if n == "V" or n.startswith("stride")}
+        for arch in ARCHS:
+            r = compile_report(kernel, signature, {**constexprs, "ACC": tl.float32, "BLOCK": block}, arch=arch,
+                               num_warps=num_warps, divisibility=divisibility)
+            out[f"{name}@sm_{arch}"] = {"registers": r.registers, "spill_bytes": r.spill_bytes,
+                                        "ldg128": r.has_128bit_loads}
+    return out
+
+
+if __name__ == "__main__":
+    assert not os.environ.get("TRITON_INTERPRET"), "run without TRITON_INTERPRET"
+    json.dump(report(), sys.stdout, indent=1)
