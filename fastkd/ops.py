@@ -3,15 +3,15 @@
 Each loss op returns per-row losses and the per-row statistics its backward needs; the reduction
 is plain torch code on top (so `batchmean` reaches the backward as an expanded [N] gradient).
 Being custom ops, they are opaque to torch.compile: a compiled training step runs them with no
-graph break.
+graph break.  Triton is imported at the first kernel launch, not with fastkd, so that a program
+(or `python -m fastkd.bench`) can still choose TRITON_INTERPRET after `import fastkd`.
 """
+import importlib
 import math
 from typing import Optional
 
 import torch
 from torch import Tensor
-
-from . import kernels
 
 _EMPTY = ()
 
@@ -24,6 +24,10 @@ def _acc(*xs):
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
+def _kernels():
+    return importlib.import_module("fastkd.kernels")
+
+
 def _grad_or_empty(grad, like):
     return grad if grad is not None else like.new_empty(_EMPTY)
 
@@ -32,7 +36,7 @@ def _grad_or_empty(grad, like):
 
 @torch.library.custom_op("fastkd::softmax", mutates_args=())
 def softmax(x: Tensor, temperature: float, log: bool) -> Tensor:
-    return kernels.softmax_forward(x, temperature, log)
+    return _kernels().softmax_forward(x, temperature, log)
 
 
 @softmax.register_fake
@@ -42,7 +46,7 @@ def _(x, temperature, log):
 
 @torch.library.custom_op("fastkd::softmax_backward", mutates_args=())
 def softmax_backward(y: Tensor, grad_y: Tensor, temperature: float, log: bool) -> Tensor:
-    return kernels.softmax_backward(y.contiguous(), grad_y, temperature, log)
+    return _kernels().softmax_backward(y.contiguous(), grad_y, temperature, log)
 
 
 @softmax_backward.register_fake
@@ -69,7 +73,7 @@ softmax.register_autograd(_softmax_grad, setup_context=_softmax_setup)
 def kl_div_rows(p: Tensor, q: Tensor, temperature: float, labels: Optional[Tensor],
                 ignore_index: int) -> tuple[Tensor, Tensor]:
     """Row losses T^2 KL(softmax(p/T) || softmax(q/T)) and row statistics (lse_p, lse_q, KL)."""
-    return kernels.kl_div_rows(p, q, temperature, labels, ignore_index)
+    return _kernels().kl_div_rows(p, q, temperature, labels, ignore_index)
 
 
 @kl_div_rows.register_fake
@@ -82,7 +86,7 @@ def _(p, q, temperature, labels, ignore_index):
 def kl_div_rows_backward(grad_loss: Tensor, p: Tensor, q: Tensor, stats: Tensor, temperature: float,
                          labels: Optional[Tensor], ignore_index: int, grad_p: bool,
                          grad_q: bool) -> tuple[Tensor, Tensor]:
-    gp, gq = kernels.kl_div_rows_backward(grad_loss, p, q, stats, temperature, labels, ignore_index, grad_p, grad_q)
+    gp, gq = _kernels().kl_div_rows_backward(grad_loss, p, q, stats, temperature, labels, ignore_index, grad_p, grad_q)
     return _grad_or_empty(gp, p), _grad_or_empty(gq, q)
 
 
@@ -112,7 +116,7 @@ kl_div_rows.register_autograd(_kl_grad, setup_context=_kl_setup)
 def jsd_rows(s: Tensor, t: Tensor, beta: float, temperature: float, labels: Optional[Tensor],
              ignore_index: int) -> tuple[Tensor, Tensor]:
     """Row losses T^2 JSD_beta and row statistics (lse_s, lse_t, KL(p_s||m), KL(p_t||m)), 0 < beta < 1."""
-    return kernels.jsd_rows(s, t, beta, temperature, labels, ignore_index)
+    return _kernels().jsd_rows(s, t, beta, temperature, labels, ignore_index)
 
 
 @jsd_rows.register_fake
@@ -125,7 +129,7 @@ def _(s, t, beta, temperature, labels, ignore_index):
 def jsd_rows_backward(grad_loss: Tensor, s: Tensor, t: Tensor, stats: Tensor, beta: float, temperature: float,
                       labels: Optional[Tensor], ignore_index: int, grad_s: bool,
                       grad_t: bool) -> tuple[Tensor, Tensor]:
-    gs, gt = kernels.jsd_rows_backward(grad_loss, s, t, stats, beta, temperature, labels, ignore_index,
+    gs, gt = _kernels().jsd_rows_backward(grad_loss, s, t, stats, beta, temperature, labels, ignore_index,
                                        grad_s, grad_t)
     return _grad_or_empty(gs, s), _grad_or_empty(gt, t)
 

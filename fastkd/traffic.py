@@ -128,3 +128,24 @@ class OpLog(TorchDispatchMode):
 
 def _tensors(tree):
     return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+class EagerBytes(TorchDispatchMode):
+    """Bytes an eager computation moves: each aten op's tensor inputs and outputs, views excluded.
+
+    The count for code that is not fused: every op reads its inputs from and writes its outputs to
+    memory.  `total` is in bytes.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = _tensors((args, kwargs))
+        storages = {t.untyped_storage().data_ptr() for t in inputs}
+        fresh = [t for t in _tensors(out) if t.untyped_storage().data_ptr() not in storages]
+        if fresh or func is torch.ops.aten.copy_.default:  # a view or metadata op moves nothing
+            self.total += sum(t.numel() * t.element_size() for t in inputs + _tensors(out))
+        return out

@@ -14,6 +14,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if DEVICE == "cpu":
+    from fastkd.interpreter import round_bf16
+
+    round_bf16()  # round to bf16 as the GPU does, not by truncation
+
 
 @pytest.fixture
 def device():
