@@ -1,5 +1,4 @@
 """Reductions of per-row losses, on the device with no host sync (shared by the kernels and the references)."""
-import torch
 
 
 def reduce_rows(rows, labels, ignore_index, reduction, lead_shape):

@@ -74,6 +74,47 @@ def as_rows(x):
         return x.reshape(-1, V)
 
 
-def labels_rows(labels):
-    """Flattened labels and whether any were given (a dummy pointer is passed when none)."""
-    return (labels.reshape(-1), True) if labels is not None else (None, False)
+def pair_forward(kernel, a, b, labels, ignore_index, n_stats, scalars):
+    """Launch a forward kernel over the rows of two logit tensors -> (loss [N], stats [N, n_stats]).
+
+    The kernel's parameters, in order: a, b, labels, loss, stats, V, the row and column strides of a
+    and b, `scalars`, ignore_index, then the constexprs HAS_LABELS, UNIT_A, UNIT_B, ACC, BLOCK.
+    """
+    a2, b2 = as_rows(a), as_rows(b)
+    N, V = a2.shape
+    acc = acc_dtype(a.dtype, b.dtype)
+    loss = torch.empty(N, dtype=acc, device=a.device)
+    stats = torch.empty(N, n_stats, dtype=acc, device=a.device)
+    if N:
+        block, num_warps = block_config(V, max(a.dtype, b.dtype, key=lambda d: d.itemsize))
+        kernel[(N,)](
+            a2, b2, labels.reshape(-1) if labels is not None else loss, loss, stats,
+            V, a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), *scalars, ignore_index,
+            labels is not None, a2.stride(1) == 1, b2.stride(1) == 1, tl_acc_dtype(a.dtype, b.dtype), block,
+            num_warps=num_warps,
+        )
+    return loss, stats
+
+
+def pair_backward(kernel, grad_loss, a, b, stats, labels, ignore_index, grad_a, grad_b, scalars):
+    """Launch a backward kernel -> (dL/da, dL/db), each contiguous and shaped like its input, or None.
+
+    The kernel's parameters, in order: a, b, labels, stats, grad_loss, grad_a, grad_b, V, the strides
+    of a and b, the stride of grad_loss (0 when expanded), `scalars`, ignore_index, then the constexprs
+    HAS_LABELS, GRAD_A, GRAD_B, UNIT_A, UNIT_B, ACC, BLOCK.
+    """
+    a2, b2 = as_rows(a), as_rows(b)
+    N, V = a2.shape
+    ga = torch.empty(a.shape, dtype=a.dtype, device=a.device) if grad_a else None
+    gb = torch.empty(b.shape, dtype=b.dtype, device=b.device) if grad_b else None
+    if N and (grad_a or grad_b):
+        g = grad_loss.reshape(-1) if grad_loss.dim() else grad_loss.expand(N)
+        block, num_warps = block_config(V, max(a.dtype, b.dtype, key=lambda d: d.itemsize))
+        kernel[(N,)](
+            a2, b2, labels.reshape(-1) if labels is not None else stats, stats, g,
+            ga if grad_a else gb, gb if grad_b else ga,
+            V, a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), g.stride(0), *scalars, ignore_index,
+            labels is not None, grad_a, grad_b, a2.stride(1) == 1, b2.stride(1) == 1,
+            tl_acc_dtype(a.dtype, b.dtype), block, num_warps=num_warps,
+        )
+    return ga, gb

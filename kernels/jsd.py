@@ -11,11 +11,10 @@ normalizers), then a pass that sums the two KLs.  It writes the loss T^2 JSD and
     dL/dx_s = g T (1 - beta) p_s (log p_s - log m - KL(p_s || m)),
     dL/dx_t = g T beta p_t (log p_t - log m - KL(p_t || m)).
 """
-import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, as_rows, block_config, counted_length, labels_rows, online_lse_update, row_offsets, tl_acc_dtype
+from .common import counted_length, online_lse_update, pair_backward, pair_forward, row_offsets
 
 
 @triton.jit
@@ -119,43 +118,10 @@ def jsd_backward_kernel(
 
 def jsd_rows(s, t, beta, temperature, labels, ignore_index):
     """Row losses T^2 JSD_beta of logits `s`, `t` ([..., V]) -> (loss [N], stats [N, 4])."""
-    s2, t2 = as_rows(s), as_rows(t)
-    N, V = s2.shape
-    acc = acc_dtype(s.dtype, t.dtype)
-    loss = torch.empty(N, dtype=acc, device=s.device)
-    stats = torch.empty(N, 4, dtype=acc, device=s.device)
-    if N == 0:
-        return loss, stats
-    lab, has_labels = labels_rows(labels)
-    block, num_warps = block_config(V, s.dtype)
-    jsd_forward_kernel[(N,)](
-        s2, t2, lab if has_labels else loss, loss, stats,
-        V, s2.stride(0), s2.stride(1), t2.stride(0), t2.stride(1),
-        float(beta), float(temperature), ignore_index,
-        HAS_LABELS=has_labels, UNIT_S=s2.stride(1) == 1, UNIT_T=t2.stride(1) == 1,
-        ACC=tl_acc_dtype(s.dtype, t.dtype), BLOCK=block, num_warps=num_warps,
-    )
-    return loss, stats
+    return pair_forward(jsd_forward_kernel, s, t, labels, ignore_index, 4, (float(beta), float(temperature)))
 
 
 def jsd_rows_backward(grad_loss, s, t, stats, beta, temperature, labels, ignore_index, grad_s, grad_t):
     """Gradients (dL/ds, dL/dt) of the row losses, each shaped like its input, or None where not asked."""
-    s2, t2 = as_rows(s), as_rows(t)
-    N, V = s2.shape
-    gs = torch.empty(s.shape, dtype=s.dtype, device=s.device) if grad_s else None
-    gt = torch.empty(t.shape, dtype=t.dtype, device=t.device) if grad_t else None
-    if N == 0 or not (grad_s or grad_t):
-        return gs, gt
-    lab, has_labels = labels_rows(labels)
-    g = grad_loss.reshape(-1) if grad_loss.dim() else grad_loss.expand(N)
-    block, num_warps = block_config(V, s.dtype)
-    jsd_backward_kernel[(N,)](
-        s2, t2, lab if has_labels else stats, stats, g,
-        gs if grad_s else gt, gt if grad_t else gs,
-        V, s2.stride(0), s2.stride(1), t2.stride(0), t2.stride(1), g.stride(0),
-        float(beta), float(temperature), ignore_index,
-        HAS_LABELS=has_labels, GRAD_S=grad_s, GRAD_T=grad_t,
-        UNIT_S=s2.stride(1) == 1, UNIT_T=t2.stride(1) == 1,
-        ACC=tl_acc_dtype(s.dtype, t.dtype), BLOCK=block, num_warps=num_warps,
-    )
-    return gs, gt
+    return pair_backward(jsd_backward_kernel, grad_loss, s, t, stats, labels, ignore_index, grad_s, grad_t,
+                         (float(beta), float(temperature)))

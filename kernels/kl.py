@@ -12,11 +12,10 @@ Backward re-reads both rows once and writes the gradients
     dL/dx_Q = g T (q - p),        dL/dx_P = g T p (log p - log q - KL),
 g being the incoming gradient of the row's loss.
 """
-import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, as_rows, block_config, counted_length, labels_rows, online_lse_update, row_offsets, tl_acc_dtype
+from .common import counted_length, online_lse_update, pair_backward, pair_forward, row_offsets
 
 
 @triton.jit
@@ -100,43 +99,10 @@ def kl_backward_kernel(
 
 def kl_div_rows(p, q, temperature, labels, ignore_index):
     """Row losses T^2 KL(P || Q) of logits `p`, `q` ([..., V]) -> (loss [N], stats [N, 3])."""
-    p2, q2 = as_rows(p), as_rows(q)
-    N, V = p2.shape
-    acc = acc_dtype(p.dtype, q.dtype)
-    loss = torch.empty(N, dtype=acc, device=p.device)
-    stats = torch.empty(N, 3, dtype=acc, device=p.device)
-    if N == 0:
-        return loss, stats
-    lab, has_labels = labels_rows(labels)
-    block, num_warps = block_config(V, p.dtype)
-    kl_forward_kernel[(N,)](
-        p2, q2, lab if has_labels else loss, loss, stats,
-        V, p2.stride(0), p2.stride(1), q2.stride(0), q2.stride(1),
-        float(temperature), ignore_index,
-        HAS_LABELS=has_labels, UNIT_P=p2.stride(1) == 1, UNIT_Q=q2.stride(1) == 1,
-        ACC=tl_acc_dtype(p.dtype, q.dtype), BLOCK=block, num_warps=num_warps,
-    )
-    return loss, stats
+    return pair_forward(kl_forward_kernel, p, q, labels, ignore_index, 3, (float(temperature),))
 
 
 def kl_div_rows_backward(grad_loss, p, q, stats, temperature, labels, ignore_index, grad_p, grad_q):
     """Gradients (dL/dp, dL/dq) of the row losses, each shaped like its input, or None where not asked."""
-    p2, q2 = as_rows(p), as_rows(q)
-    N, V = p2.shape
-    gp = torch.empty(p.shape, dtype=p.dtype, device=p.device) if grad_p else None
-    gq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if grad_q else None
-    if N == 0 or not (grad_p or grad_q):
-        return gp, gq
-    lab, has_labels = labels_rows(labels)
-    g = grad_loss.reshape(-1) if grad_loss.dim() else grad_loss.expand(N)
-    block, num_warps = block_config(V, p.dtype)
-    kl_backward_kernel[(N,)](
-        p2, q2, lab if has_labels else stats, stats, g,
-        gp if grad_p else gq, gq if grad_q else gp,
-        V, p2.stride(0), p2.stride(1), q2.stride(0), q2.stride(1), g.stride(0),
-        float(temperature), ignore_index,
-        HAS_LABELS=has_labels, GRAD_P=grad_p, GRAD_Q=grad_q,
-        UNIT_P=p2.stride(1) == 1, UNIT_Q=q2.stride(1) == 1,
-        ACC=tl_acc_dtype(p.dtype, q.dtype), BLOCK=block, num_warps=num_warps,
-    )
-    return gp, gq
+    return pair_backward(kl_backward_kernel, grad_loss, p, q, stats, labels, ignore_index, grad_p, grad_q,
+                         (float(temperature),))
