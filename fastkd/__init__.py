@@ -3,10 +3,18 @@
 Functional API (`fastkd.functional`): softmax, log_softmax, kl_div, jsd.  Modules: KLDiv, JSD.
 Eager references with the same signatures: `fastkd.reference`.  Backend choice: `fastkd.use_backend`.
 """
-from . import reference
-from .backend import use_backend
-from .functional import jsd, kl_div, log_softmax, softmax
-from .modules import JSD, KLDiv
+import os as _os
+
+# Installed, the Triton code is the subpackage fastkd.kernels; in a source checkout used without
+# installing (PYTHONPATH=., as on a GPU box with no network) it is kernels/ beside fastkd/.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_checkout, "kernels", "__init__.py")):
+    __path__.append(_checkout)
+
+from . import reference  # noqa: E402
+from .backend import use_backend  # noqa: E402
+from .functional import jsd, kl_div, log_softmax, softmax  # noqa: E402
+from .modules import JSD, KLDiv  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["JSD", "KLDiv", "jsd", "kl_div", "log_softmax", "reference", "softmax", "use_backend"]
