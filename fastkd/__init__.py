@@ -1,6 +1,6 @@
 """fastkd: fused Triton kernels for knowledge-distillation losses.
 
-Functional API (`fastkd.functional`): softmax, log_softmax, kl_div, jsd.  Modules: KLDiv, JSD.
+Functional API (`fastkd.functional`): softmax, log_softmax, kl_div, jsd, dkd.  Modules: KLDiv, JSD, DKD.
 Eager references with the same signatures: `fastkd.reference`.  Backend choice: `fastkd.use_backend`.
 """
 import os as _os
@@ -13,8 +13,8 @@ if _os.path.isfile(_os.path.join(_checkout, "kernels", "__init__.py")):
 
 from . import reference  # noqa: E402
 from .backend import use_backend  # noqa: E402
-from .functional import jsd, kl_div, log_softmax, softmax  # noqa: E402
-from .modules import JSD, KLDiv  # noqa: E402
+from .functional import dkd, jsd, kl_div, log_softmax, softmax  # noqa: E402
+from .modules import DKD, JSD, KLDiv  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["JSD", "KLDiv", "jsd", "kl_div", "log_softmax", "reference", "softmax", "use_backend"]
+__all__ = ["DKD", "JSD", "KLDiv", "dkd", "jsd", "kl_div", "log_softmax", "reference", "softmax", "use_backend"]

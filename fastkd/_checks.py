@@ -75,3 +75,31 @@ def check_labels(labels, logits, name="labels"):
 def check_ignore_index(ignore_index):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def range_checkable(target):
+    """Whether checking a target's range is free: on the CPU (no device to wait for), outside torch.compile."""
+    return target.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def dkd_target(target, logits, ignore_index):
+    """DKD's target as hard labels of the leading shape: a [..., V] target (mixup, label smoothing)
+    is reduced by argmax, as in the seed; V = 1 has no non-target class and is refused.  On the CPU
+    a target outside [0, V) is refused here (no device to sync); on a GPU it gives a NaN row."""
+    V = logits.shape[-1]
+    if V < 2:
+        raise ValueError(f"dkd needs V >= 2 classes (no non-target class when V = 1), got V = {V}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.shape == logits.shape and target.dim() >= 2:
+        target = target.argmax(-1)
+    elif target.dtype.is_floating_point:
+        raise TypeError(f"a hard target must be an integer tensor, got {target.dtype} (a soft target has the "
+                        f"logits' shape {tuple(logits.shape)})")
+    check_labels(target, logits, "target")
+    if range_checkable(target):
+        bad = (target != ignore_index) & ((target < 0) | (target >= V))
+        if bad.any():
+            raise ValueError(f"target must be in [0, {V}) or ignore_index={ignore_index}, got "
+                             f"{target[bad].flatten()[:5].tolist()}")
+    return target

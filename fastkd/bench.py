@@ -23,19 +23,25 @@ LOSSES = {
     "kl": ("kl_div", {}, 5.0),
     "reverse_kl": ("kl_div", {"reverse": True}, 5.0),
     "jsd": ("jsd", {"beta": 0.5}, 7.0),
+    "dkd": ("dkd", {"alpha": 1.0, "beta": 8.0}, 5.0),
 }
 # Largest norm-wise relative errors accepted against fp64 (output or loss, gradient).  A bf16 softmax
 # gradient comes from the bf16 output, as torch's does: torch's own bf16 softmax is ~3% off here too.
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1e-2)}
 SOFTMAX_BF16_TOLERANCE = (1e-2, 5e-2)
-CPU_SHAPES = [(3, 1), (5, 37), (4, 4096), (2, 9000)]  # rows, V: V = 1, odd, one block, several blocks
+CPU_SHAPES = [(3, 2), (5, 37), (4, 4096), (2, 9000)]  # rows, V: tiny (DKD needs 2), odd, one block, several blocks
 GPU_VOCABS = (32000, 128256, 262144)
 
 
 def _call(name, module, x, y, temperature=2.0):
     fn_name, kwargs, _ = LOSSES[name]
     fn = getattr(module, fn_name)
-    return fn(x, temperature) if "softmax" in name else fn(x, y, temperature=temperature, **kwargs)
+    if "softmax" in name:
+        return fn(x, temperature)
+    if name == "dkd":  # a fixed target per row
+        target = torch.arange(x.shape[0], device=x.device) * 7919 % x.shape[-1]
+        return fn(x, y, target, temperature=temperature, **kwargs)
+    return fn(x, y, temperature=temperature, **kwargs)
 
 
 def _inputs(rows, V, dtype, device, seed=0):

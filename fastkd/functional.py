@@ -4,6 +4,8 @@ Each call checks its arguments, then runs the fused Triton kernels or the eager 
 (`fastkd.backend`).  Leading dims are flattened into rows; losses are float32 (float64 for
 float64 inputs); gradients reach the student, and the teacher too when it requires grad.
 """
+import math
+
 from . import _checks, ops, reference
 from ._reduce import reduce_rows
 from .backend import resolve
@@ -65,3 +67,22 @@ def jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0, *, labels=Non
                              ignore_index=ignore_index, reduction=reduction)
     rows, _ = ops.jsd_rows(student_logits, teacher_logits, beta, temperature, labels, ignore_index)
     return reduce_rows(rows, labels, ignore_index, reduction, student_logits.shape[:-1])
+
+
+def dkd(student_logits, teacher_logits, target, alpha=1.0, beta=2.0, temperature=1.0, *, ignore_index=-100,
+        reduction="batchmean"):
+    """Decoupled KD (Zhao et al. 2022): T^2 (alpha TCKD + beta NCKD) per row, the target class removed exactly.
+
+    target: hard labels of the leading shape (rows equal to ignore_index count for nothing), or a
+    [..., V] soft target reduced by argmax.  A target outside [0, V) is refused on the CPU and gives
+    a NaN row on a GPU (checking there would cost a host sync).
+    """
+    temperature = _check_loss_args(student_logits, teacher_logits, temperature, None, ignore_index, reduction)
+    alpha = _checks.check_number(alpha, "alpha", -math.inf, math.inf)
+    beta = _checks.check_number(beta, "beta", -math.inf, math.inf)
+    target = _checks.dkd_target(target, student_logits, ignore_index)
+    if resolve(student_logits) == "reference":
+        return reference.dkd(student_logits, teacher_logits, target, alpha, beta, temperature,
+                             ignore_index=ignore_index, reduction=reduction)
+    rows, _ = ops.dkd_rows(student_logits, teacher_logits, target, alpha, beta, temperature, ignore_index)
+    return reduce_rows(rows, target, ignore_index, reduction, student_logits.shape[:-1])

@@ -26,3 +26,18 @@ class JSD(nn.Module):
     def forward(self, student_preds, teacher_preds, labels=None, **kwargs):
         return F.jsd(student_preds, teacher_preds, self.beta, self.temp, labels=labels,
                      ignore_index=self.ignore_index, reduction=self.reduction)
+
+
+class DKD(nn.Module):
+    """Decoupled KD (Zhao et al. 2022) with the seed's call: `forward(z_s, z_t, target=...)`."""
+
+    def __init__(self, alpha=1.0, beta=2.0, temperature=1.0, ignore_index=-100, reduction="batchmean"):
+        super().__init__()
+        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+        self.ignore_index, self.reduction = ignore_index, reduction
+
+    def forward(self, z_s, z_t, **kwargs):
+        if "target" not in kwargs:
+            raise TypeError("DKD.forward needs the keyword argument target=")
+        return F.dkd(z_s, z_t, kwargs["target"], self.alpha, self.beta, self.temperature,
+                     ignore_index=self.ignore_index, reduction=self.reduction)

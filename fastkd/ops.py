@@ -153,3 +153,48 @@ def _jsd_grad(ctx, grad_loss, _grad_stats):
 
 
 jsd_rows.register_autograd(_jsd_grad, setup_context=_jsd_setup)
+
+
+# -- DKD ------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastkd::dkd_rows", mutates_args=())
+def dkd_rows(s: Tensor, t: Tensor, target: Tensor, alpha: float, beta: float, temperature: float,
+             ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Row losses T^2 (alpha TCKD + beta NCKD) and row statistics (7 per row, see kernels/dkd.py)."""
+    return _kernels().dkd_rows(s, t, target, alpha, beta, temperature, ignore_index)
+
+
+@dkd_rows.register_fake
+def _(s, t, target, alpha, beta, temperature, ignore_index):
+    n = _rows(s)
+    return s.new_empty(n, dtype=_acc(s, t)), s.new_empty(n, 7, dtype=_acc(s, t))
+
+
+@torch.library.custom_op("fastkd::dkd_rows_backward", mutates_args=())
+def dkd_rows_backward(grad_loss: Tensor, s: Tensor, t: Tensor, stats: Tensor, target: Tensor, alpha: float,
+                      beta: float, temperature: float, ignore_index: int, grad_s: bool,
+                      grad_t: bool) -> tuple[Tensor, Tensor]:
+    gs, gt = _kernels().dkd_rows_backward(grad_loss, s, t, stats, target, alpha, beta, temperature, ignore_index,
+                                          grad_s, grad_t)
+    return _grad_or_empty(gs, s), _grad_or_empty(gt, t)
+
+
+@dkd_rows_backward.register_fake
+def _(grad_loss, s, t, stats, target, alpha, beta, temperature, ignore_index, grad_s, grad_t):
+    return s.new_empty(s.shape if grad_s else _EMPTY), t.new_empty(t.shape if grad_t else _EMPTY)
+
+
+def _dkd_setup(ctx, inputs, output):
+    s, t, target, ctx.alpha, ctx.beta, ctx.temperature, ctx.ignore_index = inputs
+    ctx.save_for_backward(s, t, output[1], target)
+
+
+def _dkd_grad(ctx, grad_loss, _grad_stats):
+    s, t, stats, target = ctx.saved_tensors
+    need_s, need_t = ctx.needs_input_grad[:2]
+    gs, gt = dkd_rows_backward(grad_loss, s, t, stats, target, ctx.alpha, ctx.beta, ctx.temperature,
+                               ctx.ignore_index, need_s, need_t)
+    return (gs if need_s else None), (gt if need_t else None), None, None, None, None, None
+
+
+dkd_rows.register_autograd(_dkd_grad, setup_context=_dkd_setup)

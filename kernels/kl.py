@@ -19,6 +19,39 @@ from .common import counted_length, online_lse_update, pair_backward, pair_forwa
 
 
 @triton.jit
+def online_kl(p_ptr, q_ptr, row, n, V, stride_p, stride_pc, stride_q, stride_qc, inv_t, skip_col,
+              SKIP: tl.constexpr, UNIT_P: tl.constexpr, UNIT_Q: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """One online pass over the first n columns of both rows -> (lse(a), lse(b), KL(softmax a || softmax b)).
+
+    With SKIP, column `skip_col` is left out of both rows (DKD's non-target distributions).
+    Keeps, under the online-softmax rescaling, A = sum exp(a - m_a) (a - b); then
+    KL = A / Z_a + lse(b) - lse(a), the lse difference taken as one log of a ratio (no cancellation
+    between two large logsumexps).
+    """
+    m_a = tl.full((), float("-inf"), ACC)
+    m_b = tl.full((), float("-inf"), ACC)
+    z_a = tl.zeros((), ACC)
+    z_b = tl.zeros((), ACC)
+    acc = tl.zeros((), ACC)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n
+        a = tl.load(p_ptr + row_offsets(row, stride_p, cols, stride_pc, UNIT_P), mask=mask, other=float("-inf"))
+        b = tl.load(q_ptr + row_offsets(row, stride_q, cols, stride_qc, UNIT_Q), mask=mask, other=float("-inf"))
+        a = a.to(ACC) * inv_t
+        b = b.to(ACC) * inv_t
+        if SKIP:  # after the load, so that the load keeps its 128-bit vectors
+            a = tl.where(cols == skip_col, float("-inf"), a)
+            b = tl.where(cols == skip_col, float("-inf"), b)
+        m_a, z_a, alpha, e_a = online_lse_update(m_a, z_a, a)
+        m_b, z_b, _, _ = online_lse_update(m_b, z_b, b)
+        # p_j = 0 terms contribute nothing (also where a = b = -inf or the lane is masked)
+        acc = acc * alpha + tl.sum(tl.where(e_a > 0, e_a * (a - b), 0.0), 0)
+    kl = acc / z_a + (m_b - m_a) + tl.log(z_b / z_a)
+    return m_a + tl.log(z_a), m_b + tl.log(z_b), kl
+
+
+@triton.jit
 def kl_forward_kernel(
     p_ptr, q_ptr, labels_ptr, loss_ptr, stats_ptr,
     V, stride_p, stride_pc, stride_q, stride_qc,
@@ -32,28 +65,12 @@ def kl_forward_kernel(
     inv_t = 1.0 / temp
     n = counted_length(labels_ptr, row, V, ignore_index, HAS_LABELS)
     active = n > 0
-    m_a = tl.full((), float("-inf"), ACC)
-    m_b = tl.full((), float("-inf"), ACC)
-    z_a = tl.zeros((), ACC)
-    z_b = tl.zeros((), ACC)
-    acc = tl.zeros((), ACC)  # sum exp(a - m_a) (a - b), rescaled with m_a
-    for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < n
-        a = tl.load(p_ptr + row_offsets(row, stride_p, cols, stride_pc, UNIT_P), mask=mask, other=float("-inf"))
-        b = tl.load(q_ptr + row_offsets(row, stride_q, cols, stride_qc, UNIT_Q), mask=mask, other=float("-inf"))
-        a = a.to(ACC) * inv_t
-        b = b.to(ACC) * inv_t
-        m_a, z_a, alpha, e_a = online_lse_update(m_a, z_a, a)
-        m_b, z_b, _, _ = online_lse_update(m_b, z_b, b)
-        # p_j = 0 terms contribute nothing (also where a = b = -inf or the lane is masked)
-        acc = acc * alpha + tl.sum(tl.where(e_a > 0, e_a * (a - b), 0.0), 0)
-    # lse(b) - lse(a) as one log of a ratio: no cancellation between two large logsumexps
-    kl = acc / z_a + (m_b - m_a) + tl.log(z_b / z_a)
+    lse_a, lse_b, kl = online_kl(p_ptr, q_ptr, row, n, V, stride_p, stride_pc, stride_q, stride_qc, inv_t, -1,
+                                 False, UNIT_P, UNIT_Q, ACC, BLOCK)
     kl = tl.where(active, tl.maximum(kl, 0.0), 0.0)
     tl.store(loss_ptr + row, kl * temp * temp)
-    tl.store(stats_ptr + 3 * row, tl.where(active, m_a + tl.log(z_a), 0.0))
-    tl.store(stats_ptr + 3 * row + 1, tl.where(active, m_b + tl.log(z_b), 0.0))
+    tl.store(stats_ptr + 3 * row, tl.where(active, lse_a, 0.0))
+    tl.store(stats_ptr + 3 * row + 1, tl.where(active, lse_b, 0.0))
     tl.store(stats_ptr + 3 * row + 2, kl)
 
 

@@ -52,6 +52,19 @@ CASES = {
          "beta": "fp64", "ignore_index": "i32"},
         {"HAS_LABELS": True, "GRAD_S": True, "GRAD_T": True, "UNIT_S": True, "UNIT_T": True},
     ),
+    "dkd_forward": (
+        kernels.dkd.dkd_forward_kernel,
+        {"s_ptr": "*bf16", "t_ptr": "*bf16", "target_ptr": "*i64", "loss_ptr": "*fp32", "stats_ptr": "*fp32",
+         **ROW, **_strides("stride_s", "stride_t"), "alpha": "fp64", "beta": "fp64", "ignore_index": "i32"},
+        {"HAS_LABELS": True, "UNIT_S": True, "UNIT_T": True},
+    ),
+    "dkd_backward": (
+        kernels.dkd.dkd_backward_kernel,
+        {"s_ptr": "*bf16", "t_ptr": "*bf16", "target_ptr": "*i64", "stats_ptr": "*fp32", "grad_loss_ptr": "*fp32",
+         "grad_s_ptr": "*bf16", "grad_t_ptr": "*bf16", **ROW, **_strides("stride_s", "stride_t", "stride_g"),
+         "alpha": "fp64", "beta": "fp64", "ignore_index": "i32"},
+        {"HAS_LABELS": True, "GRAD_S": True, "GRAD_T": True, "UNIT_S": True, "UNIT_T": True},
+    ),
     "softmax_forward": (
         kernels.softmax.softmax_forward_kernel,
         {"x_ptr": "*bf16", "y_ptr": "*bf16", **ROW, **_strides("stride_x")},
