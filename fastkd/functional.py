@@ -6,7 +6,7 @@ float64 inputs); gradients reach the student, and the teacher too when it requir
 """
 import math
 
-from . import _checks, ops, reference
+from . import _checks, _dist, ops, reference
 from ._reduce import reduce_rows
 from .backend import resolve
 
@@ -86,3 +86,32 @@ def dkd(student_logits, teacher_logits, target, alpha=1.0, beta=2.0, temperature
                              ignore_index=ignore_index, reduction=reduction)
     rows, _ = ops.dkd_rows(student_logits, teacher_logits, target, alpha, beta, temperature, ignore_index)
     return reduce_rows(rows, target, ignore_index, reduction, student_logits.shape[:-1])
+
+
+def dist(student_logits, teacher_logits, beta=1.0, gamma=1.0, temperature=1.0, *, eps=1e-8, labels=None,
+         ignore_index=-100, group=None):
+    """DIST (Huang et al. 2022): T^2 (beta (1 - mean_rows rho(p_s, p_t)) + gamma (1 - mean_cols rho)), rho the
+    Pearson correlation with eps added to the product of the centred norms (the official code).  Returns a scalar.
+
+    Rows whose label is ignore_index are left out of both terms.  With a single counted row the
+    intra-class correlations are 0 (the official code's value: centred columns are 0, so 0 / eps).
+    group: a torch.distributed group; the intra-class term then covers the global batch (each rank's
+    per-class moments gathered and merged), every rank returns the global loss, and each rank's rows get
+    world_size x dL_global/dx (what DDP's gradient averaging expects).  Eager only.
+    """
+    temperature = _check_loss_args(student_logits, teacher_logits, temperature, labels, ignore_index, "sum")
+    beta = _checks.check_number(beta, "beta", -math.inf, math.inf)
+    gamma = _checks.check_number(gamma, "gamma", -math.inf, math.inf)
+    eps = _checks.check_number(eps, "eps", 0.0, math.inf)
+    if student_logits.shape[-1] < 2:
+        raise ValueError(f"dist needs V >= 2 classes (a Pearson correlation over one class is undefined), got V = "
+                         f"{student_logits.shape[-1]}")
+    if resolve(student_logits) == "reference":
+        if group is not None:
+            raise ValueError("group= needs the triton backend (the reference computes the per-rank term)")
+        return reference.dist(student_logits, teacher_logits, beta, gamma, temperature, eps=eps, labels=labels,
+                              ignore_index=ignore_index)
+    if group is not None:
+        return _dist.GlobalDIST.apply(ops._kernels(), student_logits, teacher_logits, labels, beta, gamma,
+                                      temperature, eps, ignore_index, group)
+    return ops.dist(student_logits, teacher_logits, labels, beta, gamma, temperature, eps, ignore_index)[0]

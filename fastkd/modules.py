@@ -41,3 +41,16 @@ class DKD(nn.Module):
             raise TypeError("DKD.forward needs the keyword argument target=")
         return F.dkd(z_s, z_t, kwargs["target"], self.alpha, self.beta, self.temperature,
                      ignore_index=self.ignore_index, reduction=self.reduction)
+
+
+class DIST(nn.Module):
+    """DIST (Huang et al. 2022) with the seed's constructor and call `forward(student_preds, teacher_preds)`."""
+
+    def __init__(self, beta=1.0, gamma=1.0, temp=1.0, eps=1e-8, ignore_index=-100, group=None):
+        super().__init__()
+        self.beta, self.gamma, self.temp, self.eps = beta, gamma, temp, eps
+        self.ignore_index, self.group = ignore_index, group
+
+    def forward(self, student_preds, teacher_preds, labels=None, **kwargs):
+        return F.dist(student_preds, teacher_preds, self.beta, self.gamma, self.temp, eps=self.eps, labels=labels,
+                      ignore_index=self.ignore_index, group=self.group)

@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _dist
+
 _EMPTY = ()
 
 
@@ -198,3 +200,48 @@ def _dkd_grad(ctx, grad_loss, _grad_stats):
 
 
 dkd_rows.register_autograd(_dkd_grad, setup_context=_dkd_setup)
+
+
+# -- DIST -----------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastkd::dist", mutates_args=())
+def dist(s: Tensor, t: Tensor, labels: Optional[Tensor], beta: float, gamma: float, temperature: float, eps: float,
+         ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The DIST loss (a scalar) and its statistics: rows [N, 5], columns [V, 5], the counted rows."""
+    return _dist.forward(_kernels(), s, t, labels, beta, gamma, temperature, eps, ignore_index)
+
+
+@dist.register_fake
+def _(s, t, labels, beta, gamma, temperature, eps, ignore_index):
+    acc = _acc(s, t)
+    return (s.new_empty((), dtype=acc), s.new_empty(_rows(s), 5, dtype=acc), s.new_empty(s.shape[-1], 5, dtype=acc),
+            s.new_empty((), dtype=acc))
+
+
+@torch.library.custom_op("fastkd::dist_backward", mutates_args=())
+def dist_backward(grad: Tensor, s: Tensor, t: Tensor, labels: Optional[Tensor], row_stats: Tensor,
+                  col_stats: Tensor, count: Tensor, beta: float, gamma: float, temperature: float, eps: float,
+                  ignore_index: int, grad_s: bool, grad_t: bool) -> tuple[Tensor, Tensor]:
+    gs, gt = _dist.backward(_kernels(), grad, s, t, labels, row_stats, col_stats, count, beta, gamma, temperature,
+                            eps, ignore_index, grad_s, grad_t)
+    return _grad_or_empty(gs, s), _grad_or_empty(gt, t)
+
+
+@dist_backward.register_fake
+def _(grad, s, t, labels, row_stats, col_stats, count, beta, gamma, temperature, eps, ignore_index, grad_s, grad_t):
+    return s.new_empty(s.shape if grad_s else _EMPTY), t.new_empty(t.shape if grad_t else _EMPTY)
+
+
+def _dist_setup(ctx, inputs, output):
+    s, t, labels, *ctx.args = inputs
+    ctx.save_for_backward(s, t, labels, *output[1:])
+
+
+def _dist_grad(ctx, grad, *_grad_stats):
+    s, t, labels, row_stats, col_stats, count = ctx.saved_tensors
+    need_s, need_t = ctx.needs_input_grad[:2]
+    gs, gt = dist_backward(grad, s, t, labels, row_stats, col_stats, count, *ctx.args, need_s, need_t)
+    return (gs if need_s else None), (gt if need_t else None), None, None, None, None, None, None
+
+
+dist.register_autograd(_dist_grad, setup_context=_dist_setup)

@@ -19,22 +19,33 @@ from . import ops as fastkd_ops
 
 @dataclass
 class Traffic:
-    """Global-memory bytes read and written; ``by_kernel`` splits them by kernel name."""
+    """Global-memory bytes read and written; ``by_kernel`` splits them by kernel name, ``by_arg`` by the
+    name of the kernel argument (a tensor) that the accessed memory belongs to."""
 
     read: int = 0
     written: int = 0
     by_kernel: dict = field(default_factory=dict)
+    by_arg: dict = field(default_factory=dict)
 
-    def _add(self, kernel, read=0, written=0):
-        for t in (self, self.by_kernel.setdefault(kernel, Traffic())):
+    def _add(self, kernel, arg, read=0, written=0):
+        for t in (self, self.by_kernel.setdefault(kernel, Traffic()), self.by_arg.setdefault(arg, Traffic())):
             t.read += read
             t.written += written
 
 
-def _accessed_bytes(ptrs, mask):
-    """Bytes touched by an interpreter load/store: active lanes times the element size."""
-    lanes = int(np.count_nonzero(np.broadcast_to(mask.data, ptrs.data.shape)))
-    return lanes * ((ptrs.get_element_ty().primitive_bitwidth + 7) // 8)
+def _accessed(ptrs, mask):
+    """(bytes touched by an interpreter load/store: active lanes times the element size, first address or None)."""
+    active = np.broadcast_to(mask.data, ptrs.data.shape)
+    lanes = int(np.count_nonzero(active))
+    first = int(ptrs.data[active].flat[0]) if lanes else None
+    return lanes * ((ptrs.get_element_ty().primitive_bitwidth + 7) // 8), first
+
+
+def _tensor_ranges(executor, args_hst, kwargs_hst):
+    """(start, end, argument name) of the host memory behind each tensor argument of a launch."""
+    named = list(zip(executor.arg_names, args_hst)) + list(kwargs_hst.items())
+    return [(t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes(), name)
+            for name, t in named if isinstance(t, torch.Tensor)]
 
 
 @contextlib.contextmanager
@@ -48,30 +59,45 @@ def count_bytes():
     """
     traffic = Traffic()
     builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
-    load, store, run = builder.create_masked_load, builder.create_masked_store, executor.__call__
-    kernel = [None]
+    load, store, run, init_args = (builder.create_masked_load, builder.create_masked_store, executor.__call__,
+                                   executor._init_args_hst)
+    launch = {"kernel": None, "ranges": []}
+
+    def arg_of(address):
+        for start, end, name in launch["ranges"]:
+            if address is not None and start <= address < end:
+                return name
+        return None
 
     def counting_load(self, ptrs, mask, *args, **kwargs):
-        traffic._add(kernel[0], read=_accessed_bytes(ptrs, mask))
+        nbytes, first = _accessed(ptrs, mask)
+        traffic._add(launch["kernel"], arg_of(first), read=nbytes)
         return load(self, ptrs, mask, *args, **kwargs)
 
     def counting_store(self, ptrs, value, mask, *args, **kwargs):
-        traffic._add(kernel[0], written=_accessed_bytes(ptrs, mask))
+        nbytes, first = _accessed(ptrs, mask)
+        traffic._add(launch["kernel"], arg_of(first), written=nbytes)
         return store(self, ptrs, value, mask, *args, **kwargs)
 
     def named_run(self, *args, **kwargs):
-        kernel[0] = self.fn.__name__
+        launch["kernel"] = self.fn.__name__
         try:
             return run(self, *args, **kwargs)
         finally:
-            kernel[0] = None
+            launch["kernel"], launch["ranges"] = None, []
+
+    def recording_init_args(self, args_dev, kwargs):
+        args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
+        launch["ranges"] = _tensor_ranges(self, args_hst, kwargs_hst)
+        return args_hst, kwargs_hst
 
     builder.create_masked_load, builder.create_masked_store = counting_load, counting_store
-    executor.__call__ = named_run
+    executor.__call__, executor._init_args_hst = named_run, recording_init_args
     try:
         yield traffic
     finally:
-        builder.create_masked_load, builder.create_masked_store, executor.__call__ = load, store, run
+        builder.create_masked_load, builder.create_masked_store = load, store
+        executor.__call__, executor._init_args_hst = run, init_args
 
 
 class OpLog(TorchDispatchMode):

@@ -21,6 +21,26 @@ def row_offsets(row, stride_row, cols, stride_col, UNIT_COL: tl.constexpr):
 
 
 @triton.jit
+def expm1(x):
+    """exp(x) - 1, accurate near 0: a Taylor polynomial for |x| < 0.1 (to fp32 or fp64 precision)."""
+    # x (1 + x/2 (1 + x/3 (1 + ...))), to x^8 (truncation < 1e-12 relative) or x^13 for fp64
+    p = tl.full(x.shape, 1.0, x.dtype)
+    for k in tl.static_range(13 if x.dtype == tl.float64 else 8, 1, -1):
+        p = 1.0 + x * p * (1.0 / k)
+    return tl.where(tl.abs(x) < 0.1, x * p, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x), accurate near 0: a series for |x| < 0.1 (to fp32 or fp64 precision)."""
+    # x - x^2/2 + x^3/3 - ..., to x^9 (truncation < 1e-10 relative) or x^17 for fp64
+    p = tl.full(x.shape, 0.0, x.dtype)
+    for k in tl.static_range(17 if x.dtype == tl.float64 else 9, 0, -1):
+        p = (1.0 / k) - x * p
+    return tl.where(tl.abs(x) < 0.1, x * p, tl.log(1.0 + x))
+
+
+@triton.jit
 def counted_length(labels_ptr, row, V, ignore_index, HAS_LABELS: tl.constexpr):
     """Columns to read in `row`: V, or 0 when its label is ignore_index (the row counts for nothing)."""
     if HAS_LABELS:

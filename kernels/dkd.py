@@ -20,7 +20,7 @@ A row whose target is ignore_index counts for nothing (zero loss and gradient); 
 import triton
 import triton.language as tl
 
-from .common import pair_backward, pair_forward, row_offsets
+from .common import log1p, pair_backward, pair_forward, row_offsets
 from .kl import online_kl
 
 N_STATS = tl.constexpr(7)  # per-row statistics saved for backward
@@ -28,11 +28,8 @@ N_STATS = tl.constexpr(7)  # per-row statistics saved for backward
 
 @triton.jit
 def softplus(x):
-    """log(1 + exp(x)), accurate for every x (log1p by the u = 1 + v trick)."""
-    v = tl.exp(-tl.abs(x))
-    u = 1.0 + v
-    log1p_v = tl.where(u == 1.0, v, tl.log(u) * (v / (u - 1.0)))
-    return tl.maximum(x, 0.0) + log1p_v
+    """log(1 + exp(x)), accurate for every x."""
+    return tl.maximum(x, 0.0) + log1p(tl.exp(-tl.abs(x)))
 
 
 @triton.jit

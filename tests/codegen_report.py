@@ -19,6 +19,7 @@ from triton_tools import compile_report  # noqa: E402
 V = 131072
 ARCHS = (90, 80)
 ROW = {"V": "i32", "temperature": "fp64"}
+TILES = {"BLOCK_R": kernels.dist.BLOCK_R, "BLOCK_C": 64}  # the DIST tile kernels (their BLOCK_C for large V)
 
 
 def _strides(*names):
@@ -65,6 +66,33 @@ CASES = {
          "alpha": "fp64", "beta": "fp64", "ignore_index": "i32"},
         {"HAS_LABELS": True, "GRAD_S": True, "GRAD_T": True, "UNIT_S": True, "UNIT_T": True},
     ),
+    "dist_row_stats": (
+        kernels.dist.dist_row_stats_kernel,
+        {"s_ptr": "*bf16", "t_ptr": "*bf16", "labels_ptr": "*i64", "stats_ptr": "*fp32",
+         **ROW, **_strides("stride_s", "stride_t"), "ignore_index": "i32"},
+        {"HAS_LABELS": True, "UNIT_S": True, "UNIT_T": True},
+    ),
+    "dist_column_stats": (
+        kernels.dist.dist_column_stats_kernel,
+        {"s_ptr": "*bf16", "t_ptr": "*bf16", "labels_ptr": "*i64", "row_stats_ptr": "*fp32", "col_stats_ptr": "*fp32",
+         "N": "i32", **ROW, **_strides("stride_s", "stride_t"), "stride_sc": "constexpr", "stride_tc": "constexpr",
+         "ignore_index": "i32"},
+        {"HAS_LABELS": True, "stride_sc": 1, "stride_tc": 1, **TILES},
+    ),
+    "dist_rowdot": (
+        kernels.dist.dist_rowdot_kernel,
+        {"x_ptr": "*bf16", "o_ptr": "*bf16", "labels_ptr": "*i64", "c_x_ptr": "*fp32", "c_o_ptr": "*fp32",
+         "row_coef_ptr": "*fp32", "col_coef_ptr": "*fp32", "N": "i32", **ROW, **_strides("stride_x", "stride_o"),
+         "stride_xc": "constexpr", "stride_oc": "constexpr", "ignore_index": "i32"},
+        {"HAS_LABELS": True, "stride_xc": 1, "stride_oc": 1, **TILES},
+    ),
+    "dist_grad": (
+        kernels.dist.dist_grad_kernel,
+        {"x_ptr": "*bf16", "o_ptr": "*bf16", "labels_ptr": "*i64", "c_x_ptr": "*fp32", "c_o_ptr": "*fp32",
+         "row_coef_ptr": "*fp32", "col_coef_ptr": "*fp32", "grad_ptr": "*bf16", "N": "i32", **ROW,
+         **_strides("stride_x", "stride_o"), "stride_xc": "constexpr", "stride_oc": "constexpr", "ignore_index": "i32"},
+        {"HAS_LABELS": True, "stride_xc": 1, "stride_oc": 1, **TILES},
+    ),
     "softmax_forward": (
         kernels.softmax.softmax_forward_kernel,
         {"x_ptr": "*bf16", "y_ptr": "*bf16", **ROW, **_strides("stride_x")},
@@ -82,10 +110,12 @@ def report():
     block, num_warps = kernels.common.block_config(V, torch.bfloat16)
     out = {}
     for name, (kernel, signature, constexprs) in CASES.items():
-        divisibility = {n: 16 for n in signature if n == "V" or n.startswith("stride")}
+        divisibility = {n: 16 for n, ty in signature.items() if (n == "V" or n.startswith("stride")) and ty != "constexpr"}
+        tiled = "BLOCK_R" in constexprs  # DIST's tile kernels: default launch, 4 warps
+        meta = {**constexprs, "ACC": tl.float32, **({} if tiled else {"BLOCK": block})}
         for arch in ARCHS:
-            r = compile_report(kernel, signature, {**constexprs, "ACC": tl.float32, "BLOCK": block}, arch=arch,
-                               num_warps=num_warps, divisibility=divisibility)
+            r = compile_report(kernel, signature, meta, arch=arch, num_warps=4 if tiled else num_warps,
+                               divisibility=divisibility)
             out[f"{name}@sm_{arch}"] = {"registers": r.registers, "spill_bytes": r.spill_bytes,
                                         "ldg128": r.has_128bit_loads}
     return out
