@@ -24,6 +24,7 @@ LOSSES = {
     "reverse_kl": ("kl_div", {"reverse": True}, 5.0),
     "jsd": ("jsd", {"beta": 0.5}, 7.0),
     "dkd": ("dkd", {"alpha": 1.0, "beta": 8.0}, 5.0),
+    "dist": ("dist", {"beta": 1.0, "gamma": 1.0}, 9.0),
 }
 # Largest norm-wise relative errors accepted against fp64 (output or loss, gradient).  A bf16 softmax
 # gradient comes from the bf16 output, as torch's does: torch's own bf16 softmax is ~3% off here too.
@@ -86,15 +87,16 @@ def validate_on_cpu():
                 worst_out = max(worst_out, _rel_err(out, ref_out))
                 worst_grad = max(worst_grad, _rel_err(grad, ref_grad))
             s, t = _inputs(8, 4096, dtype, "cpu")
-            with count_bytes() as traffic:
+            elems = s.numel() * s.element_size()
+            with count_bytes(stream_numel=s.numel()) as traffic:
                 _forward_backward(name, fastkd, s, t)
             with EagerBytes() as eager:
                 _forward_backward(name, reference, s, t)
-            elems = s.numel() * s.element_size()
             rows.append({
                 "loss": name, "dtype": str(dtype).replace("torch.", ""),
                 "rel_err_out": worst_out, "rel_err_grad": worst_grad,
                 "fused_bytes_per_elem": (traffic.read + traffic.written) / elems,
+                "fused_stream_bytes_per_elem": traffic.streams / elems,
                 "model_bytes_per_elem": LOSSES[name][2], "eager_bytes_per_elem": eager.total / elems,
             })
     return rows
@@ -190,7 +192,9 @@ def main(argv=None):
         os.environ["TRITON_INTERPRET"] = "1"
         print("No GPU in use: timings need a GPU.  Checking every fused kernel under the Triton interpreter")
         print("against the fp64 eager reference, and counting the bytes each moves per logit element")
-        print("(forward + backward, student gradient; 'model' is DESIGN.md's floor, 'eager' the reference's ops).\n")
+        print("(forward + backward, student gradient, 8 x 4096: 'stream' counts the [N, V] logits and gradient")
+        print("only, 'fused' adds the per-row and per-column statistics; 'model' is DESIGN.md's floor for the")
+        print("streams, 'eager' the reference's ops).\n")
         start = time.time()
         rows = validate_on_cpu()
         _print_table(rows)

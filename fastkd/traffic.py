@@ -20,10 +20,13 @@ from . import ops as fastkd_ops
 @dataclass
 class Traffic:
     """Global-memory bytes read and written; ``by_kernel`` splits them by kernel name, ``by_arg`` by the
-    name of the kernel argument (a tensor) that the accessed memory belongs to."""
+    name of the kernel argument (a tensor) that the accessed memory belongs to; ``streams`` counts the
+    bytes of tensors of at least ``count_bytes(stream_numel=...)`` elements (the [N, V] logits and gradients,
+    as opposed to per-row and per-column statistics)."""
 
     read: int = 0
     written: int = 0
+    streams: int = 0
     by_kernel: dict = field(default_factory=dict)
     by_arg: dict = field(default_factory=dict)
 
@@ -42,14 +45,21 @@ def _accessed(ptrs, mask):
 
 
 def _tensor_ranges(executor, args_hst, kwargs_hst):
-    """(start, end, argument name) of the host memory behind each tensor argument of a launch."""
+    """(start, end, argument name) of the host memory behind each tensor argument of a launch, largest first."""
     named = list(zip(executor.arg_names, args_hst)) + list(kwargs_hst.items())
     return [(t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes(), name)
             for name, t in named if isinstance(t, torch.Tensor)]
 
 
+def _range_of(ranges, address):
+    for start, end, name in ranges:
+        if address is not None and start <= address < end:
+            return name, end - start
+    return None, 0
+
+
 @contextlib.contextmanager
-def count_bytes():
+def count_bytes(stream_numel=None):
     """Count bytes moved by ``tl.load`` / ``tl.store`` in kernels run under ``TRITON_INTERPRET=1``.
 
     Yields a ``Traffic``. Only unmasked lanes count. Every interpreter load and store goes through
@@ -63,20 +73,20 @@ def count_bytes():
                                    executor._init_args_hst)
     launch = {"kernel": None, "ranges": []}
 
-    def arg_of(address):
-        for start, end, name in launch["ranges"]:
-            if address is not None and start <= address < end:
-                return name
-        return None
+    def tally(ptrs, mask, key):
+        nbytes, first = _accessed(ptrs, mask)
+        arg, size = _range_of(launch["ranges"], first)
+        traffic._add(launch["kernel"], arg, **{key: nbytes})
+        element_size = (ptrs.get_element_ty().primitive_bitwidth + 7) // 8
+        if stream_numel is not None and size >= stream_numel * element_size:
+            traffic.streams += nbytes
 
     def counting_load(self, ptrs, mask, *args, **kwargs):
-        nbytes, first = _accessed(ptrs, mask)
-        traffic._add(launch["kernel"], arg_of(first), read=nbytes)
+        tally(ptrs, mask, "read")
         return load(self, ptrs, mask, *args, **kwargs)
 
     def counting_store(self, ptrs, value, mask, *args, **kwargs):
-        nbytes, first = _accessed(ptrs, mask)
-        traffic._add(launch["kernel"], arg_of(first), written=nbytes)
+        tally(ptrs, mask, "written")
         return store(self, ptrs, value, mask, *args, **kwargs)
 
     def named_run(self, *args, **kwargs):

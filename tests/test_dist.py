@@ -103,12 +103,12 @@ def test_bytes_allocations_and_syncs():
     gradient 2 + 1 write); the O(N + V) statistics and coefficients come on top (L2-resident on a GPU)."""
     N, V = 64, 1024
     s, t = logits((N, V), torch.bfloat16).requires_grad_(), logits((N, V), torch.bfloat16, seed=1)
-    with count_bytes() as traffic:
+    with count_bytes(stream_numel=N * V) as traffic:
         fastkd.dist(s, t, temperature=2.0).backward()
     elems = N * V * 2
     streams = sum(traffic.by_arg[a].read + traffic.by_arg[a].written for a in ("s_ptr", "t_ptr", "x_ptr", "o_ptr",
                                                                                  "grad_ptr"))
-    assert streams / elems <= 9.1
+    assert streams == traffic.streams and streams / elems <= 9.1
     # row and column statistics and coefficients: 0.75 element sizes here (N = 64: two row tiles each
     # re-read the [V, 4] column coefficients in the two backward passes), from L2 on a GPU
     assert (traffic.read + traffic.written - streams) / elems <= 0.8
