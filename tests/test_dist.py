@@ -168,3 +168,28 @@ def test_global_batch_over_gloo(sizes, tmp_path):
         assert rel_err(got["loss"], loss) <= 1e-12
         assert rel_err(got["gs"], world * gs[lo:hi]) <= 1e-10
         assert rel_err(got["gt"], world * gt[lo:hi]) <= 1e-10
+
+
+def test_masked_teacher_vocabulary_large_logits_and_scaled_grad_output():
+    t = logits((8, 40), seed=1)
+    t[:, ::5] = float("-inf")  # p_t = 0 there: q_t = -1, finite
+    check(leaf(logits((8, 40))), leaf(t, False), temperature=2.0)
+    # logits of magnitude 1e4: one-hot rows; the loss holds 1e-5 (the gradients are ~1e-9 and fp32 noise)
+    big_s, big_t = logits((8, 40), scale=1e4), logits((8, 40), scale=1e4, seed=1)
+    assert rel_err(fastkd.dist(big_s, big_t), reference.dist(big_s.double(), big_t.double())) <= 1e-5
+    s, t = leaf(logits((6, 30))), leaf(logits((6, 30), seed=1), False)
+    (gs,) = torch.autograd.grad(fastkd.dist(s, t), s, torch.tensor(-2.5))
+    s64 = leaf(s.double())
+    (ref,) = torch.autograd.grad(reference.dist(s64, t.double()), s64, torch.tensor(-2.5, dtype=torch.float64))
+    assert rel_err(gs, ref) <= 1e-5
+
+
+def test_identical_inputs_and_all_rows_ignored():
+    x = logits((6, 30))
+    loss = fastkd.dist(x, x.clone())  # rho = 1 but for eps: 1 - rho ~ 1e-5 per column, fp32 keeps 2-3 digits
+    assert loss >= 0 and rel_err(loss, reference.dist(x.double(), x.double())) <= 1e-2
+    s, t = leaf(logits((3, 10))), leaf(logits((3, 10), seed=1))
+    labels = torch.full((3,), -100)
+    loss = fastkd.dist(s, t, 1.0, 2.0, 1.0, labels=labels)  # no row counts: both mean correlations are 0
+    gs, gt = torch.autograd.grad(loss, (s, t))
+    assert float(loss) == 3.0 and (gs == 0).all() and (gt == 0).all()
