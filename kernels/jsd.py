@@ -14,21 +14,31 @@ normalizers), then a pass that sums the two KLs.  It writes the loss T^2 JSD and
 import triton
 import triton.language as tl
 
-from .common import counted_length, online_lse_update, pair_backward, pair_forward, row_offsets
+from .common import counted_length, log1p, online_lse_update, pair_backward, pair_forward, row_offsets
 
 
 @triton.jit
 def _log_probs_and_mixture(s_ptr, t_ptr, row, cols, mask, stride_s, stride_sc, stride_t, stride_tc,
                            inv_t, lse_s, lse_t, beta, UNIT_S: tl.constexpr, UNIT_T: tl.constexpr,
                            ACC: tl.constexpr):
-    """log p_s, log p_t, p_s, p_t and log m for one block of columns."""
+    """log p_s, log p_t, p_s, p_t and log m for one block of columns.
+
+    log m = log((1 - beta) p_s + beta p_t) where that mixture is a normal number; below, where the
+    probabilities underflow or are subnormal, logaddexp(log(1 - beta) + log p_s, log beta + log p_t)
+    keeps it finite; where p_s = p_t, log m = log p_s exactly (JSD of identical rows is 0).
+    """
     s = tl.load(s_ptr + row_offsets(row, stride_s, cols, stride_sc, UNIT_S), mask=mask, other=float("-inf"))
     t = tl.load(t_ptr + row_offsets(row, stride_t, cols, stride_tc, UNIT_T), mask=mask, other=float("-inf"))
     log_ps = s.to(ACC) * inv_t - lse_s
     log_pt = t.to(ACC) * inv_t - lse_t
     ps = tl.exp(log_ps)
     pt = tl.exp(log_pt)
-    log_m = tl.log((1.0 - beta) * ps + beta * pt)
+    m = (1.0 - beta) * ps + beta * pt
+    a = log_ps + tl.log(1.0 - beta)
+    b = log_pt + tl.log(beta)
+    hi = tl.maximum(a, b)
+    tiny = tl.where(hi == float("-inf"), hi, hi + log1p(tl.exp(tl.minimum(a, b) - hi)))
+    log_m = tl.where(log_ps == log_pt, log_ps, tl.where(m > 1e-30, tl.log(m), tiny))
     return log_ps, log_pt, ps, pt, log_m
 
 
