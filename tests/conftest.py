@@ -18,6 +18,18 @@ if DEVICE == "cpu":
     from fastkd.interpreter import round_bf16
 
     round_bf16()  # round to bf16 as the GPU does, not by truncation
+else:
+    torch.set_default_device(DEVICE)  # tensors the tests make land on the GPU; kernels compile for real
+
+
+def pytest_collection_modifyitems(config, items):
+    """`interpreter` tests count the interpreter's loads and stores or need CPU tensors: CPU only;
+    `cuda` tests need a GPU (huge tensors, CUDA graphs): GPU only."""
+    for item in items:
+        if DEVICE != "cpu" and "interpreter" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs the Triton interpreter (CPU tensors)"))
+        if DEVICE == "cpu" and "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs a GPU: run benchmarks/gpu_check.sh there"))
 
 
 @pytest.fixture

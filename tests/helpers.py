@@ -1,5 +1,25 @@
-"""Comparison helpers: fp64 oracles and norm-wise relative errors."""
+"""Test inputs on the test device, and comparison helpers: fp64 oracles and norm-wise relative errors."""
+import os
+
 import torch
+
+DEVICE = os.environ.get("FASTKD_TEST_DEVICE", "cpu")
+
+
+def randn(shape, seed=0, dtype=torch.float64):
+    """Standard normal values drawn on the CPU from `seed` (the same on every device), on DEVICE."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64, device="cpu").to(device=DEVICE, dtype=dtype)
+
+
+def randint(high, shape, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randint(0, high, shape, generator=g, device="cpu").to(DEVICE)
+
+
+def logits(shape, dtype=torch.float32, scale=2.0, seed=0):
+    """Logits scale * N(0, 1), drawn in fp64 and rounded to dtype."""
+    return (scale * randn(shape, seed)).to(dtype)
 
 
 def rel_err(a, b, floor=1e-9):

@@ -4,13 +4,12 @@ import torch
 
 import fastkd
 from fastkd import ops
-from helpers import rel_err
+from helpers import randn, rel_err
 
 
 def inputs(V=40, dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    s = torch.randn(2, 3, V, generator=g, dtype=dtype)
-    t = torch.randn(2, 3, V, generator=g, dtype=dtype)
+    s = randn((2, 3, V), seed=0, dtype=dtype)
+    t = randn((2, 3, V), seed=1, dtype=dtype)
     labels = torch.tensor([[1, -100, 3], [0, 2, -100]])
     return s, t, labels
 
@@ -34,7 +33,7 @@ def training_step(loss_fn, weight, s, t, labels):
 def test_compiled_training_step_matches_eager(backend):
     torch._dynamo.reset()
     s, t, labels = inputs()
-    weight = torch.eye(40).add_(0.01 * torch.randn(40, 40, generator=torch.Generator().manual_seed(1)))
+    weight = torch.eye(40).add_(0.01 * randn((40, 40), seed=2, dtype=torch.float32))
     weight.requires_grad_()
     eager = training_step(kd_loss, weight, s, t, labels)
     compiled = training_step(torch.compile(kd_loss, backend=backend, fullgraph=True), weight, s, t, labels)

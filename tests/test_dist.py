@@ -9,12 +9,8 @@ import torch
 import fastkd
 from fastkd import kernels, reference
 from fastkd.traffic import OpLog, count_bytes
-from helpers import leaf, rel_err
+from helpers import leaf, logits, rel_err
 
-
-def logits(shape, dtype=torch.float32, scale=2.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
 
 
 def check(s, t, loss_tol=1e-5, grad_tol=1e-5, **kw):
@@ -98,6 +94,7 @@ def test_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
 
 
+@pytest.mark.interpreter
 def test_bytes_allocations_and_syncs():
     """Forward + backward streams the [N, V] logits 9 times (row stats 2, column stats 2, row dot 2,
     gradient 2 + 1 write); the O(N + V) statistics and coefficients come on top (L2-resident on a GPU)."""
@@ -135,6 +132,7 @@ def test_compile_and_opcheck():
                                                      1.0, 2.0, 1.5, 1e-8, -100, True, True))
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("sizes", [(3, 6), (2, 5, 4)])
 def test_global_batch_over_gloo(sizes, tmp_path):
     """Every rank returns the loss of the concatenated batch, and its rows get world_size x the gradient

@@ -6,6 +6,8 @@ import torch
 import fastkd
 from fastkd.traffic import OpLog, count_bytes
 
+pytestmark = pytest.mark.interpreter
+
 N, V = 4, 4096  # bf16: one 4096-column block per row
 E = 2  # bytes per bf16 element
 
