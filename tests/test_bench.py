@@ -1,0 +1,57 @@
+"""The bench CLI's CPU side: argument handling, the validation run with its files and plot, the timing
+plot's code path, and the GPU check script's dry run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastkd import bench
+from fastkd.bench.plots import timing_plot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_arguments():
+    _, args = bench.parse([])
+    assert (args.rows, args.reps, args.vocab) == (8192, 30, [32000, 128256, 262144])
+    _, quick = bench.parse(["--quick"])
+    assert (quick.rows, quick.reps, quick.vocab) == (4096, 10, [32000, 128256])
+    shapes = bench.gpu_shapes(quick.rows, quick.vocab, ["kl", "dkd"], quick=True)
+    assert ("kl", 4096, 32000) in shapes and ("dkd", 256, 1000) in shapes and ("dkd", 256, 100) not in shapes
+    assert ("dkd", 256, 100) in bench.gpu_shapes(8192, [32000], ["dkd"], quick=False)
+    for bad in (["--rows", "0"], ["--vocab", "1"], ["--loss", "nope"], ["--dtype", "int8"]):
+        with pytest.raises(SystemExit):
+            bench.parse(bad)
+
+
+@pytest.mark.interpreter
+def test_cpu_validation_writes_tables_and_plot(tmp_path, capsys):
+    assert bench.main(["--cpu", "--loss", "kl", "dkd", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "timings need a GPU" in printed and "kl" in printed
+    rows = json.loads((tmp_path / "validation.json").read_text())["rows"]
+    assert {r["loss"] for r in rows} == {"kl", "dkd"}
+    assert all(r["fused_stream_bytes_per_elem"] <= 5.1 and r["eager_bytes_per_elem"] > 30 for r in rows)
+    assert (tmp_path / "validation.csv").read_text().startswith("loss,dtype,")
+    png = (tmp_path / "bytes.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_timing_plot_code_path(tmp_path):
+    """The plot a GPU run draws, fed made-up rows (not results: this only exercises the code)."""
+    rows = [{"loss": loss, "impl": impl, "mode": "forward+backward", "V": V, "ms": V / 1e4 * k, "pct_of_copy": 80 / k}
+            for loss in ("kl", "jsd") for k, impl in ((1, "fastkd"), (3, "eager")) for V in (32000, 128256)]
+    timing_plot(rows, tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_gpu_check_dry_run():
+    script = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+    done = subprocess.run(["bash", script, "--dry-run"], env={**os.environ, "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "FASTKD_TEST_DEVICE=cuda" in done.stdout and "fastkd.bench --quick" in done.stdout
+    bad = subprocess.run(["bash", script, "--bogus"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
