@@ -50,6 +50,13 @@ def counted_length(labels_ptr, row, V, ignore_index, HAS_LABELS: tl.constexpr):
 
 
 @triton.jit
+def load_scaled(ptr, row, stride, cols, stride_c, mask, inv_t, UNIT: tl.constexpr, ACC: tl.constexpr):
+    """Logits of `row` at `cols` over the temperature, in ACC; -inf where masked off."""
+    x = tl.load(ptr + row_offsets(row, stride, cols, stride_c, UNIT), mask=mask, other=float("-inf"))
+    return x.to(ACC) * inv_t
+
+
+@triton.jit
 def online_lse_update(m, z, x):
     """One block of the online softmax (Milakov & Gimelshein 2018).
 

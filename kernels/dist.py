@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import as_rows, block_config, counted_length, expm1, log1p, row_offsets, tl_acc_dtype
+from .common import as_rows, block_config, counted_length, expm1, load_scaled, log1p, tl_acc_dtype
 
 ROW_STATS = tl.constexpr(5)  # c_s, c_t, S_ss, S_tt, S_st
 COL_STATS = tl.constexpr(5)  # mean q_s, mean q_t, M2_s, M2_t, C_st
@@ -72,10 +72,8 @@ def dist_row_stats_kernel(
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
-        x_s = tl.load(s_ptr + row_offsets(row, stride_s, cols, stride_sc, UNIT_S), mask=mask, other=float("-inf"))
-        x_t = tl.load(t_ptr + row_offsets(row, stride_t, cols, stride_tc, UNIT_T), mask=mask, other=float("-inf"))
-        x_s = x_s.to(ACC) * inv_t
-        x_t = x_t.to(ACC) * inv_t
+        x_s = load_scaled(s_ptr, row, stride_s, cols, stride_sc, mask, inv_t, UNIT_S, ACC)
+        x_t = load_scaled(t_ptr, row, stride_t, cols, stride_tc, mask, inv_t, UNIT_T, ACC)
         # moments of w = expm1(x - m), m the running max: as m grows to m', w' = a w + (a - 1), a = exp(m - m')
         new_s = tl.maximum(m_s, tl.max(x_s, 0))
         new_t = tl.maximum(m_t, tl.max(x_t, 0))

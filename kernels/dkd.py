@@ -20,7 +20,7 @@ A row whose target is ignore_index counts for nothing (zero loss and gradient); 
 import triton
 import triton.language as tl
 
-from .common import log1p, pair_backward, pair_forward, row_offsets
+from .common import load_scaled, log1p, pair_backward, pair_forward, row_offsets
 from .kl import online_kl
 
 N_STATS = tl.constexpr(7)  # per-row statistics saved for backward
@@ -121,11 +121,11 @@ def dkd_backward_kernel(
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
-        s = tl.load(s_ptr + row_offsets(row, stride_s, cols, stride_sc, UNIT_S), mask=cols < n, other=float("-inf"))
-        t = tl.load(t_ptr + row_offsets(row, stride_t, cols, stride_tc, UNIT_T), mask=cols < n, other=float("-inf"))
+        s = load_scaled(s_ptr, row, stride_s, cols, stride_sc, cols < n, inv_t, UNIT_S, ACC)
+        t = load_scaled(t_ptr, row, stride_t, cols, stride_tc, cols < n, inv_t, UNIT_T, ACC)
         is_y = cols == y
-        log_ps = tl.where(is_y, float("-inf"), s.to(ACC) * inv_t - lse_ms)  # log p's_j, j != y
-        log_pt = tl.where(is_y, float("-inf"), t.to(ACC) * inv_t - lse_mt)
+        log_ps = tl.where(is_y, float("-inf"), s - lse_ms)  # log p's_j, j != y
+        log_pt = tl.where(is_y, float("-inf"), t - lse_mt)
         ps = tl.exp(log_ps)
         pt = tl.exp(log_pt)
         out = row * V + cols

@@ -14,7 +14,7 @@ normalizers), then a pass that sums the two KLs.  It writes the loss T^2 JSD and
 import triton
 import triton.language as tl
 
-from .common import counted_length, log1p, online_lse_update, pair_backward, pair_forward, row_offsets
+from .common import counted_length, load_scaled, log1p, online_lse_update, pair_backward, pair_forward
 
 
 @triton.jit
@@ -27,10 +27,8 @@ def _log_probs_and_mixture(s_ptr, t_ptr, row, cols, mask, stride_s, stride_sc, s
     probabilities underflow or are subnormal, logaddexp(log(1 - beta) + log p_s, log beta + log p_t)
     keeps it finite; where p_s = p_t, log m = log p_s exactly (JSD of identical rows is 0).
     """
-    s = tl.load(s_ptr + row_offsets(row, stride_s, cols, stride_sc, UNIT_S), mask=mask, other=float("-inf"))
-    t = tl.load(t_ptr + row_offsets(row, stride_t, cols, stride_tc, UNIT_T), mask=mask, other=float("-inf"))
-    log_ps = s.to(ACC) * inv_t - lse_s
-    log_pt = t.to(ACC) * inv_t - lse_t
+    log_ps = load_scaled(s_ptr, row, stride_s, cols, stride_sc, mask, inv_t, UNIT_S, ACC) - lse_s
+    log_pt = load_scaled(t_ptr, row, stride_t, cols, stride_tc, mask, inv_t, UNIT_T, ACC) - lse_t
     ps = tl.exp(log_ps)
     pt = tl.exp(log_pt)
     m = (1.0 - beta) * ps + beta * pt
@@ -64,10 +62,10 @@ def jsd_forward_kernel(
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n
-        s = tl.load(s_ptr + row_offsets(row, stride_s, cols, stride_sc, UNIT_S), mask=mask, other=float("-inf"))
-        t = tl.load(t_ptr + row_offsets(row, stride_t, cols, stride_tc, UNIT_T), mask=mask, other=float("-inf"))
-        m_s, z_s, _, _ = online_lse_update(m_s, z_s, s.to(ACC) * inv_t)
-        m_t, z_t, _, _ = online_lse_update(m_t, z_t, t.to(ACC) * inv_t)
+        s = load_scaled(s_ptr, row, stride_s, cols, stride_sc, mask, inv_t, UNIT_S, ACC)
+        t = load_scaled(t_ptr, row, stride_t, cols, stride_tc, mask, inv_t, UNIT_T, ACC)
+        m_s, z_s, _, _ = online_lse_update(m_s, z_s, s)
+        m_t, z_t, _, _ = online_lse_update(m_t, z_t, t)
     lse_s = m_s + tl.log(z_s)
     lse_t = m_t + tl.log(z_t)
     kl_sm = tl.zeros((), ACC)

@@ -15,7 +15,7 @@ g being the incoming gradient of the row's loss.
 import triton
 import triton.language as tl
 
-from .common import counted_length, online_lse_update, pair_backward, pair_forward, row_offsets
+from .common import counted_length, load_scaled, online_lse_update, pair_backward, pair_forward
 
 
 @triton.jit
@@ -36,10 +36,8 @@ def online_kl(p_ptr, q_ptr, row, n, V, stride_p, stride_pc, stride_q, stride_qc,
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n
-        a = tl.load(p_ptr + row_offsets(row, stride_p, cols, stride_pc, UNIT_P), mask=mask, other=float("-inf"))
-        b = tl.load(q_ptr + row_offsets(row, stride_q, cols, stride_qc, UNIT_Q), mask=mask, other=float("-inf"))
-        a = a.to(ACC) * inv_t
-        b = b.to(ACC) * inv_t
+        a = load_scaled(p_ptr, row, stride_p, cols, stride_pc, mask, inv_t, UNIT_P, ACC)
+        b = load_scaled(q_ptr, row, stride_q, cols, stride_qc, mask, inv_t, UNIT_Q, ACC)
         if SKIP:  # after the load, so that the load keeps its 128-bit vectors
             a = tl.where(cols == skip_col, float("-inf"), a)
             b = tl.where(cols == skip_col, float("-inf"), b)
@@ -100,10 +98,8 @@ def kl_backward_kernel(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
         load_mask = cols < n
-        a = tl.load(p_ptr + row_offsets(row, stride_p, cols, stride_pc, UNIT_P), mask=load_mask, other=float("-inf"))
-        b = tl.load(q_ptr + row_offsets(row, stride_q, cols, stride_qc, UNIT_Q), mask=load_mask, other=float("-inf"))
-        log_p = a.to(ACC) * inv_t - lse_a
-        log_q = b.to(ACC) * inv_t - lse_b
+        log_p = load_scaled(p_ptr, row, stride_p, cols, stride_pc, load_mask, inv_t, UNIT_P, ACC) - lse_a
+        log_q = load_scaled(q_ptr, row, stride_q, cols, stride_qc, load_mask, inv_t, UNIT_Q, ACC) - lse_b
         p = tl.exp(log_p)
         q = tl.exp(log_q)
         out = row * V + cols

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import as_rows, block_config, online_lse_update, row_offsets, tl_acc_dtype
+from .common import as_rows, block_config, load_scaled, online_lse_update, row_offsets, tl_acc_dtype
 
 
 @triton.jit
@@ -28,8 +28,7 @@ def softmax_forward_kernel(
     z = tl.zeros((), ACC)
     if V <= BLOCK:
         cols = tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + row_offsets(row, stride_x, cols, stride_xc, UNIT_X), mask=cols < V, other=float("-inf"))
-        x = x.to(ACC) * inv_t
+        x = load_scaled(x_ptr, row, stride_x, cols, stride_xc, cols < V, inv_t, UNIT_X, ACC)
         m, z, _, e = online_lse_update(m, z, x)
         if LOG:
             y = x - (m + tl.log(z))
@@ -39,13 +38,12 @@ def softmax_forward_kernel(
     else:
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + row_offsets(row, stride_x, cols, stride_xc, UNIT_X), mask=cols < V, other=float("-inf"))
-            m, z, _, _ = online_lse_update(m, z, x.to(ACC) * inv_t)
+            m, z, _, _ = online_lse_update(m, z, load_scaled(x_ptr, row, stride_x, cols, stride_xc, cols < V, inv_t,
+                                                             UNIT_X, ACC))
         lse = m + tl.log(z)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + row_offsets(row, stride_x, cols, stride_xc, UNIT_X), mask=cols < V, other=float("-inf"))
-            y = x.to(ACC) * inv_t - lse
+            y = load_scaled(x_ptr, row, stride_x, cols, stride_xc, cols < V, inv_t, UNIT_X, ACC) - lse
             if not LOG:
                 y = tl.exp(y)
             tl.store(y_ptr + row * V + cols, y.to(y_ptr.dtype.element_ty), mask=cols < V)
