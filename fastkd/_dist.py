@@ -11,9 +11,9 @@ def _safe_div(num, den):
 
 def correlations(row_stats, col_stats, V, eps):
     """Per-row and per-column Pearson terms: (rho_rows, rho_cols) and the pieces of their gradients."""
-    a = row_stats[:, 2].sqrt() / V  # |p_s - 1/V|
-    b = row_stats[:, 3].sqrt() / V
-    cov = row_stats[:, 4] / V**2
+    a = row_stats[:, 4].sqrt() / V  # |p_s - 1/V|
+    b = row_stats[:, 5].sqrt() / V
+    cov = row_stats[:, 6] / V**2
     d = a * b + eps
     u = col_stats[:, 2].sqrt() / V  # |p_s[:, c] - mean|
     w = col_stats[:, 3].sqrt() / V

@@ -74,14 +74,14 @@ softmax.register_autograd(_softmax_grad, setup_context=_softmax_setup)
 @torch.library.custom_op("fastkd::kl_div_rows", mutates_args=())
 def kl_div_rows(p: Tensor, q: Tensor, temperature: float, labels: Optional[Tensor],
                 ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Row losses T^2 KL(softmax(p/T) || softmax(q/T)) and row statistics (lse_p, lse_q, KL)."""
+    """Row losses T^2 KL(softmax(p/T) || softmax(q/T)) and row statistics (m_p, log z_p, m_q, log z_q, KL)."""
     return _kernels().kl_div_rows(p, q, temperature, labels, ignore_index)
 
 
 @kl_div_rows.register_fake
 def _(p, q, temperature, labels, ignore_index):
     n = _rows(p)
-    return p.new_empty(n, dtype=_acc(p, q)), p.new_empty(n, 3, dtype=_acc(p, q))
+    return p.new_empty(n, dtype=_acc(p, q)), p.new_empty(n, 5, dtype=_acc(p, q))
 
 
 @torch.library.custom_op("fastkd::kl_div_rows_backward", mutates_args=())
@@ -117,14 +117,15 @@ kl_div_rows.register_autograd(_kl_grad, setup_context=_kl_setup)
 @torch.library.custom_op("fastkd::jsd_rows", mutates_args=())
 def jsd_rows(s: Tensor, t: Tensor, beta: float, temperature: float, labels: Optional[Tensor],
              ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Row losses T^2 JSD_beta and row statistics (lse_s, lse_t, KL(p_s||m), KL(p_t||m)), 0 < beta < 1."""
+    """Row losses T^2 JSD_beta (0 < beta < 1) and row statistics (m_s, log z_s, m_t, log z_t, KL(p_s||m),
+    KL(p_t||m))."""
     return _kernels().jsd_rows(s, t, beta, temperature, labels, ignore_index)
 
 
 @jsd_rows.register_fake
 def _(s, t, beta, temperature, labels, ignore_index):
     n = _rows(s)
-    return s.new_empty(n, dtype=_acc(s, t)), s.new_empty(n, 4, dtype=_acc(s, t))
+    return s.new_empty(n, dtype=_acc(s, t)), s.new_empty(n, 6, dtype=_acc(s, t))
 
 
 @torch.library.custom_op("fastkd::jsd_rows_backward", mutates_args=())
@@ -162,14 +163,14 @@ jsd_rows.register_autograd(_jsd_grad, setup_context=_jsd_setup)
 @torch.library.custom_op("fastkd::dkd_rows", mutates_args=())
 def dkd_rows(s: Tensor, t: Tensor, target: Tensor, alpha: float, beta: float, temperature: float,
              ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Row losses T^2 (alpha TCKD + beta NCKD) and row statistics (7 per row, see kernels/dkd.py)."""
+    """Row losses T^2 (alpha TCKD + beta NCKD) and row statistics (9 per row, see kernels/dkd.py)."""
     return _kernels().dkd_rows(s, t, target, alpha, beta, temperature, ignore_index)
 
 
 @dkd_rows.register_fake
 def _(s, t, target, alpha, beta, temperature, ignore_index):
     n = _rows(s)
-    return s.new_empty(n, dtype=_acc(s, t)), s.new_empty(n, 7, dtype=_acc(s, t))
+    return s.new_empty(n, dtype=_acc(s, t)), s.new_empty(n, 9, dtype=_acc(s, t))
 
 
 @torch.library.custom_op("fastkd::dkd_rows_backward", mutates_args=())
@@ -207,14 +208,14 @@ dkd_rows.register_autograd(_dkd_grad, setup_context=_dkd_setup)
 @torch.library.custom_op("fastkd::dist", mutates_args=())
 def dist(s: Tensor, t: Tensor, labels: Optional[Tensor], beta: float, gamma: float, temperature: float, eps: float,
          ignore_index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The DIST loss (a scalar) and its statistics: rows [N, 5], columns [V, 5], the counted rows."""
+    """The DIST loss (a scalar) and its statistics: rows [N, 7], columns [V, 5], the counted rows."""
     return _dist.forward(_kernels(), s, t, labels, beta, gamma, temperature, eps, ignore_index)
 
 
 @dist.register_fake
 def _(s, t, labels, beta, gamma, temperature, eps, ignore_index):
     acc = _acc(s, t)
-    return (s.new_empty((), dtype=acc), s.new_empty(_rows(s), 5, dtype=acc), s.new_empty(s.shape[-1], 5, dtype=acc),
+    return (s.new_empty((), dtype=acc), s.new_empty(_rows(s), 7, dtype=acc), s.new_empty(s.shape[-1], 5, dtype=acc),
             s.new_empty((), dtype=acc))
 
 

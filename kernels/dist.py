@@ -1,13 +1,15 @@
 """DIST (Huang et al. 2022): Pearson correlations of temperature softmaxes, between rows (inter-class)
 and between columns over the counted rows (intra-class), eps added to the product of the norms.
 
-Everything is computed from q = V p - 1 = expm1(x - c), c = lse(x) - log V, which is centred
-exactly per row (sum q = 0) and small where p is near uniform: no sum p^2 - 1/V cancellation.
+Everything is computed from q = V p - 1 = expm1((x - m) - l), lse(x) - log V = m + l (m the row
+max, l = log1p of the mean of expm1(x - m), kept apart so that nothing rounds at the size of m),
+which is centred exactly per row (sum q = 0) and small where p is near uniform: no sum p^2 - 1/V
+cancellation.
     row i:     cov = S_st / V^2, norms^2 = S_ss / V^2, S_tt / V^2     (S = sums of q products)
     column c:  centred moments of q over the counted rows (merged Chan-style, in a fixed order)
 
 Kernels (each reads the [N, V] logits once; the per-row and per-column vectors are O(N + V)):
-  dist_row_stats_kernel     per row: c_s, c_t, S_ss, S_tt, S_st in one online pass over both rows
+  dist_row_stats_kernel     per row: m_s, l_s, m_t, l_t, S_ss, S_tt, S_st in one online pass over both rows
                             (centred moments of w = expm1(x - running max), rescaled as the max grows)
   dist_column_stats_kernel  per column block, all counted rows in order: mean q_s, mean q_t, M2_s, M2_t, C
   dist_rowdot_kernel        per row: R = sum_k p_k G_k, G the loss's gradient w.r.t. p (below)
@@ -22,7 +24,7 @@ import triton.language as tl
 
 from .common import as_rows, block_config, counted_length, expm1, load_scaled, log1p, tl_acc_dtype
 
-ROW_STATS = tl.constexpr(5)  # c_s, c_t, S_ss, S_tt, S_st
+ROW_STATS = tl.constexpr(7)  # m_s, l_s, m_t, l_t, S_ss, S_tt, S_st
 COL_STATS = tl.constexpr(5)  # mean q_s, mean q_t, M2_s, M2_t, C_st
 BLOCK_R = 32  # rows per tile in the column and backward passes (column coefficients are read once per tile)
 
@@ -57,7 +59,7 @@ def dist_row_stats_kernel(
     HAS_LABELS: tl.constexpr, UNIT_S: tl.constexpr, UNIT_T: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Per row: reads both rows once; writes stats[row] = (c_s, c_t, S_ss, S_tt, S_st), zeros if ignored."""
+    """Per row: reads both rows once; writes stats[row] = (m_s, l_s, m_t, l_t, S_ss, S_tt, S_st), zeros if ignored."""
     row = tl.program_id(0).to(tl.int64)
     inv_t = 1.0 / tl.full((), temperature, ACC)
     n_cols = counted_length(labels_ptr, row, V, ignore_index, HAS_LABELS)
@@ -91,37 +93,42 @@ def dist_row_stats_kernel(
         w_t = tl.where(mask, expm1(x_t - m_t), 0.0)
         n, mean_s, mean_t, m2_s, m2_t, c_st = chan_merge(n, mean_s, mean_t, m2_s, m2_t, c_st,
                                                          tl.sum(mask.to(ACC), 0), w_s, w_t, mask, 0)
-    # q = V p - 1 = (w - mean w) / (1 + mean w);  c = lse - log V = m + log1p(mean w)
+    # q = V p - 1 = (w - mean w) / (1 + mean w);  lse - log V = m + l, l = log1p(mean w)
     active = n_cols > 0
     base = stats_ptr + ROW_STATS * row
-    tl.store(base, tl.where(active, m_s + log1p(mean_s), 0.0))
-    tl.store(base + 1, tl.where(active, m_t + log1p(mean_t), 0.0))
-    tl.store(base + 2, tl.where(active, m2_s / ((1.0 + mean_s) * (1.0 + mean_s)), 0.0))
-    tl.store(base + 3, tl.where(active, m2_t / ((1.0 + mean_t) * (1.0 + mean_t)), 0.0))
-    tl.store(base + 4, tl.where(active, c_st / ((1.0 + mean_s) * (1.0 + mean_t)), 0.0))
+    tl.store(base, tl.where(active, m_s, 0.0))
+    tl.store(base + 1, tl.where(active, log1p(mean_s), 0.0))
+    tl.store(base + 2, tl.where(active, m_t, 0.0))
+    tl.store(base + 3, tl.where(active, log1p(mean_t), 0.0))
+    tl.store(base + 4, tl.where(active, m2_s / ((1.0 + mean_s) * (1.0 + mean_s)), 0.0))
+    tl.store(base + 5, tl.where(active, m2_t / ((1.0 + mean_t) * (1.0 + mean_t)), 0.0))
+    tl.store(base + 6, tl.where(active, c_st / ((1.0 + mean_s) * (1.0 + mean_t)), 0.0))
 
 
 @triton.jit
 def _counted_rows(labels_ptr, c_s_ptr, c_t_ptr, rows, N, ignore_index, HAS_LABELS: tl.constexpr):
-    """The counted rows of a tile and their c_s, c_t (c_*_ptr point into the row statistics, stride ROW_STATS)."""
+    """The counted rows of a tile and their m, l for s and t: c_*_ptr point at m in the row statistics
+    (stride ROW_STATS), l follows it."""
     row_ok = rows < N
     if HAS_LABELS:
         row_ok = row_ok & (tl.load(labels_ptr + rows, mask=rows < N, other=ignore_index) != ignore_index)
-    c_s = tl.load(c_s_ptr + ROW_STATS * rows, mask=row_ok, other=0.0)
-    c_t = tl.load(c_t_ptr + ROW_STATS * rows, mask=row_ok, other=0.0)
-    return row_ok, c_s, c_t
+    m_s = tl.load(c_s_ptr + ROW_STATS * rows, mask=row_ok, other=0.0)
+    l_s = tl.load(c_s_ptr + ROW_STATS * rows + 1, mask=row_ok, other=0.0)
+    m_t = tl.load(c_t_ptr + ROW_STATS * rows, mask=row_ok, other=0.0)
+    l_t = tl.load(c_t_ptr + ROW_STATS * rows + 1, mask=row_ok, other=0.0)
+    return row_ok, m_s, l_s, m_t, l_t
 
 
 @triton.jit
-def _tile(s_ptr, t_ptr, rows, cols, row_ok, c_s, c_t, V, stride_s, stride_sc, stride_t, stride_tc, inv_t,
+def _tile(s_ptr, t_ptr, rows, cols, row_ok, m_s, l_s, m_t, l_t, V, stride_s, stride_sc, stride_t, stride_tc, inv_t,
           ACC: tl.constexpr):
     """A [rows, cols] tile of q_s, q_t (0 outside) and its mask (counted rows x valid columns)."""
     mask = row_ok[:, None] & (cols < V)[None, :]
     cols64 = cols.to(tl.int64)[None, :]
     x_s = tl.load(s_ptr + rows[:, None] * stride_s + cols64 * stride_sc, mask=mask, other=0.0).to(ACC) * inv_t
     x_t = tl.load(t_ptr + rows[:, None] * stride_t + cols64 * stride_tc, mask=mask, other=0.0).to(ACC) * inv_t
-    q_s = tl.where(mask, expm1(x_s - c_s[:, None]), 0.0)
-    q_t = tl.where(mask, expm1(x_t - c_t[:, None]), 0.0)
+    q_s = tl.where(mask, expm1((x_s - m_s[:, None]) - l_s[:, None]), 0.0)
+    q_t = tl.where(mask, expm1((x_t - m_t[:, None]) - l_t[:, None]), 0.0)
     return q_s, q_t, mask
 
 
@@ -144,9 +151,9 @@ def dist_column_stats_kernel(
     c_st = tl.zeros((BLOCK_C,), ACC)
     for start in range(0, N, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R).to(tl.int64)
-        row_ok, c_s, c_t = _counted_rows(labels_ptr, row_stats_ptr, row_stats_ptr + 1, rows, N, ignore_index,
-                                         HAS_LABELS)
-        q_s, q_t, mask = _tile(s_ptr, t_ptr, rows, cols, row_ok, c_s, c_t, V, stride_s, stride_sc, stride_t,
+        row_ok, m_s, l_s, m_t, l_t = _counted_rows(labels_ptr, row_stats_ptr, row_stats_ptr + 2, rows, N,
+                                                   ignore_index, HAS_LABELS)
+        q_s, q_t, mask = _tile(s_ptr, t_ptr, rows, cols, row_ok, m_s, l_s, m_t, l_t, V, stride_s, stride_sc, stride_t,
                                stride_tc, inv_t, ACC)
         n, mean_s, mean_t, m2_s, m2_t, c_st = chan_merge(n, mean_s, mean_t, m2_s, m2_t, c_st,
                                                          tl.sum(mask.to(ACC), 0), q_s, q_t, mask, 0)
@@ -184,14 +191,14 @@ def dist_rowdot_kernel(
     x is the tensor differentiated, o the other one; c_x_ptr, c_o_ptr point at their c in the row statistics."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     inv_t = 1.0 / tl.full((), temperature, ACC)
-    row_ok, c_x, c_o = _counted_rows(labels_ptr, c_x_ptr, c_o_ptr, rows, N, ignore_index, HAS_LABELS)
+    row_ok, m_x, l_x, m_o, l_o = _counted_rows(labels_ptr, c_x_ptr, c_o_ptr, rows, N, ignore_index, HAS_LABELS)
     r1 = tl.load(row_coef_ptr + 3 * rows, mask=row_ok, other=0.0)
     r2 = tl.load(row_coef_ptr + 3 * rows + 1, mask=row_ok, other=0.0)
     total = tl.zeros((BLOCK_R,), ACC)
     for start in range(0, V, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
-        q_x, q_o, mask = _tile(x_ptr, o_ptr, rows, cols, row_ok, c_x, c_o, V, stride_x, stride_xc, stride_o,
-                               stride_oc, inv_t, ACC)
+        q_x, q_o, mask = _tile(x_ptr, o_ptr, rows, cols, row_ok, m_x, l_x, m_o, l_o, V, stride_x, stride_xc,
+                               stride_o, stride_oc, inv_t, ACC)
         g = _grad_p(q_x, q_o, r1, r2, cols, col_coef_ptr, V)
         total += tl.sum(tl.where(mask, (1.0 + q_x) * g, 0.0), 1)  # p = (1 + q) / V
     tl.store(row_coef_ptr + 3 * rows + 2, total / V, mask=rows < N)
@@ -207,14 +214,14 @@ def dist_grad_kernel(
     """Per tile of rows: reads both rows once; writes dL/dx = p_x (G - R) (zeros in ignored rows), contiguous."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     inv_t = 1.0 / tl.full((), temperature, ACC)
-    row_ok, c_x, c_o = _counted_rows(labels_ptr, c_x_ptr, c_o_ptr, rows, N, ignore_index, HAS_LABELS)
+    row_ok, m_x, l_x, m_o, l_o = _counted_rows(labels_ptr, c_x_ptr, c_o_ptr, rows, N, ignore_index, HAS_LABELS)
     r1 = tl.load(row_coef_ptr + 3 * rows, mask=row_ok, other=0.0)
     r2 = tl.load(row_coef_ptr + 3 * rows + 1, mask=row_ok, other=0.0)
     r = tl.load(row_coef_ptr + 3 * rows + 2, mask=row_ok, other=0.0)
     for start in range(0, V, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
-        q_x, q_o, mask = _tile(x_ptr, o_ptr, rows, cols, row_ok, c_x, c_o, V, stride_x, stride_xc, stride_o,
-                               stride_oc, inv_t, ACC)
+        q_x, q_o, mask = _tile(x_ptr, o_ptr, rows, cols, row_ok, m_x, l_x, m_o, l_o, V, stride_x, stride_xc,
+                               stride_o, stride_oc, inv_t, ACC)
         g = _grad_p(q_x, q_o, r1, r2, cols, col_coef_ptr, V)
         dx = tl.where(mask, (1.0 + q_x) * (g - r[:, None]) / V, 0.0)
         out = rows[:, None] * V + cols[None, :]
@@ -226,7 +233,7 @@ def _columns_block(V):
 
 
 def dist_stats(s, t, labels, temperature, ignore_index):
-    """Row statistics [N, 5] (c_s, c_t, S_ss, S_tt, S_st) and column statistics [V, 5] (mean q_s, mean q_t,
+    """Row statistics [N, 7] (m_s, l_s, m_t, l_t, S_ss, S_tt, S_st) and column statistics [V, 5] (mean q_s, mean q_t,
     M2_s, M2_t, C_st over the counted rows) of two logit tensors [..., V]."""
     s2, t2 = as_rows(s), as_rows(t)
     N, V = s2.shape
@@ -251,15 +258,15 @@ def dist_stats(s, t, labels, temperature, ignore_index):
 
 
 def dist_grad(x, o, labels, row_stats, x_index, row_coef, col_coef, temperature, ignore_index):
-    """dL/dx for x in (student, teacher) (x_index 0 or 1 in the row statistics), o the other logits:
+    """dL/dx for x in (student, teacher) (x_index 0 or 1), o the other logits:
     row_coef [N, 3] (r1, r2, filled with R here) and col_coef [V, 4] (k1, k2, mean_o, mean_x) give G = dL/dp_x."""
     x2, o2 = as_rows(x), as_rows(o)
     N, V = x2.shape
     grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if N == 0:
         return grad
-    args = (x2, o2, labels.reshape(-1) if labels is not None else row_stats, row_stats[:, x_index],
-            row_stats[:, 1 - x_index], row_coef, col_coef)
+    args = (x2, o2, labels.reshape(-1) if labels is not None else row_stats, row_stats[:, 2 * x_index],
+            row_stats[:, 2 - 2 * x_index], row_coef, col_coef)
     sizes = (N, V, x2.stride(0), x2.stride(1), o2.stride(0), o2.stride(1), float(temperature), ignore_index)
     meta = dict(HAS_LABELS=labels is not None, ACC=tl_acc_dtype(x.dtype, o.dtype), BLOCK_R=BLOCK_R,
                 BLOCK_C=_columns_block(V))

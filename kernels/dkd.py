@@ -8,7 +8,7 @@ without column y (masked exactly, not by an offset):
     loss = T^2 (alpha TCKD + beta NCKD)
 Nothing takes the log of a probability that can underflow.  Forward reads both rows once (the
 online KL pass of kl.py with column y skipped, plus the two target logits) and writes the loss and
-the statistics (lse'_s, lse'_t, log bs_y, log bs_o, log bt_y, log bt_o, NCKD).  Backward re-reads
+the statistics (lse'_s, lse'_t, each as m + log z, log bs_y, log bs_o, log bt_y, log bt_o, NCKD).  Backward re-reads
 both rows once and writes, with g the row's incoming gradient and r_k = log bt_k - log bs_k,
     dL/ds_y = g T alpha (bs_y - bt_y)
     dL/ds_j = g T [alpha p's_j (bs_o - bt_o) + beta (p's_j - p't_j)]                               (j != y)
@@ -23,7 +23,7 @@ import triton.language as tl
 from .common import load_scaled, log1p, pair_backward, pair_forward, row_offsets
 from .kl import online_kl
 
-N_STATS = tl.constexpr(7)  # per-row statistics saved for backward
+N_STATS = tl.constexpr(9)  # per row: m'_s, log z'_s, m'_t, log z'_t, log bs_y, log bs_o, log bt_y, log bt_o, NCKD
 
 
 @triton.jit
@@ -59,15 +59,15 @@ def dkd_forward_kernel(
     y, counted, bad = _target(target_ptr, row, V, ignore_index)
     n = tl.where(counted & ~bad, V, 0)
     # NCKD: KL(p't || p's) over the columns j != y, with the masked logsumexps lse'_t, lse'_s
-    lse_mt, lse_ms, nckd = online_kl(t_ptr, s_ptr, row, n, V, stride_t, stride_tc, stride_s, stride_sc, inv_t, y,
+    m_mt, lz_mt, m_ms, lz_ms, nckd = online_kl(t_ptr, s_ptr, row, n, V, stride_t, stride_tc, stride_s, stride_sc, inv_t, y,
                                      True, UNIT_T, UNIT_S, ACC, BLOCK)
     s_y = tl.load(s_ptr + row_offsets(row, stride_s, y, stride_sc, UNIT_S)).to(ACC) * inv_t
     t_y = tl.load(t_ptr + row_offsets(row, stride_t, y, stride_tc, UNIT_T)).to(ACC) * inv_t
     # binary split [target, others] in log space
-    log_bs_y = -softplus(lse_ms - s_y)
-    log_bs_o = -softplus(s_y - lse_ms)
-    log_bt_y = -softplus(lse_mt - t_y)
-    log_bt_o = -softplus(t_y - lse_mt)
+    log_bs_y = -softplus((m_ms - s_y) + lz_ms)
+    log_bs_o = -softplus((s_y - m_ms) - lz_ms)
+    log_bt_y = -softplus((m_mt - t_y) + lz_mt)
+    log_bt_o = -softplus((t_y - m_mt) - lz_mt)
     bt_y = tl.exp(log_bt_y)
     bt_o = tl.exp(log_bt_o)
     tckd = tl.where(bt_y > 0, bt_y * (log_bt_y - log_bs_y), 0.0) + tl.where(bt_o > 0, bt_o * (log_bt_o - log_bs_o), 0.0)
@@ -78,13 +78,15 @@ def dkd_forward_kernel(
     tl.store(loss_ptr + row, loss)
     base = stats_ptr + N_STATS * row
     keep = counted & ~bad
-    tl.store(base, tl.where(keep, lse_ms, 0.0))
-    tl.store(base + 1, tl.where(keep, lse_mt, 0.0))
-    tl.store(base + 2, tl.where(keep, log_bs_y, 0.0))
-    tl.store(base + 3, tl.where(keep, log_bs_o, 0.0))
-    tl.store(base + 4, tl.where(keep, log_bt_y, 0.0))
-    tl.store(base + 5, tl.where(keep, log_bt_o, 0.0))
-    tl.store(base + 6, tl.where(bad, float("nan"), tl.where(keep, nckd, 0.0)))
+    tl.store(base, tl.where(keep, m_ms, 0.0))
+    tl.store(base + 1, tl.where(keep, lz_ms, 0.0))
+    tl.store(base + 2, tl.where(keep, m_mt, 0.0))
+    tl.store(base + 3, tl.where(keep, lz_mt, 0.0))
+    tl.store(base + 4, tl.where(keep, log_bs_y, 0.0))
+    tl.store(base + 5, tl.where(keep, log_bs_o, 0.0))
+    tl.store(base + 6, tl.where(keep, log_bt_y, 0.0))
+    tl.store(base + 7, tl.where(keep, log_bt_o, 0.0))
+    tl.store(base + 8, tl.where(bad, float("nan"), tl.where(keep, nckd, 0.0)))
 
 
 @triton.jit
@@ -104,18 +106,19 @@ def dkd_backward_kernel(
     y, counted, bad = _target(target_ptr, row, V, ignore_index)
     n = tl.where(counted & ~bad, V, 0)
     base = stats_ptr + N_STATS * row
-    lse_ms = tl.load(base)
-    lse_mt = tl.load(base + 1)
-    bs_y = tl.exp(tl.load(base + 2))
-    bs_o = tl.exp(tl.load(base + 3))
-    log_bt_y = tl.load(base + 4)
-    log_bt_o = tl.load(base + 5)
-    nckd = tl.load(base + 6)
+    m_ms, lz_ms, m_mt, lz_mt = tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3)
+    log_bs_y = tl.load(base + 4)
+    log_bs_o = tl.load(base + 5)
+    log_bt_y = tl.load(base + 6)
+    log_bt_o = tl.load(base + 7)
+    nckd = tl.load(base + 8)
+    bs_y = tl.exp(log_bs_y)
+    bs_o = tl.exp(log_bs_o)
     bt_y = tl.exp(log_bt_y)
     bt_o = tl.exp(log_bt_o)
     # teacher's binary term bt_y bt_o (r_y - r_o); zero when either side of the split has no mass
     bt_yo = bt_y * bt_o
-    r_diff = tl.where(bt_yo > 0, (log_bt_y - tl.load(base + 2)) - (log_bt_o - tl.load(base + 3)), 0.0)
+    r_diff = tl.where(bt_yo > 0, (log_bt_y - log_bs_y) - (log_bt_o - log_bs_o), 0.0)
     g = tl.load(grad_loss_ptr + row * stride_g).to(ACC) * temp
     g = tl.where(bad, float("nan"), tl.where(counted, g, 0.0))
     for start in range(0, V, BLOCK):
@@ -124,8 +127,8 @@ def dkd_backward_kernel(
         s = load_scaled(s_ptr, row, stride_s, cols, stride_sc, cols < n, inv_t, UNIT_S, ACC)
         t = load_scaled(t_ptr, row, stride_t, cols, stride_tc, cols < n, inv_t, UNIT_T, ACC)
         is_y = cols == y
-        log_ps = tl.where(is_y, float("-inf"), s - lse_ms)  # log p's_j, j != y
-        log_pt = tl.where(is_y, float("-inf"), t - lse_mt)
+        log_ps = tl.where(is_y, float("-inf"), (s - m_ms) - lz_ms)  # log p's_j, j != y
+        log_pt = tl.where(is_y, float("-inf"), (t - m_mt) - lz_mt)
         ps = tl.exp(log_ps)
         pt = tl.exp(log_pt)
         out = row * V + cols
@@ -139,7 +142,7 @@ def dkd_backward_kernel(
 
 
 def dkd_rows(s, t, target, alpha, beta, temperature, ignore_index):
-    """Row losses T^2 (alpha TCKD + beta NCKD) of logits `s`, `t` ([..., V]) -> (loss [N], stats [N, 7])."""
+    """Row losses T^2 (alpha TCKD + beta NCKD) of logits `s`, `t` ([..., V]) -> (loss [N], stats [N, 9])."""
     return pair_forward(dkd_forward_kernel, s, t, target, ignore_index, N_STATS.value,
                         (float(alpha), float(beta), float(temperature)))
 

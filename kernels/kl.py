@@ -7,7 +7,8 @@ passes (student, teacher).  With a = x_P / T and b = x_Q / T:
     KL = sum_j p_j (a_j - b_j) - lse(a) + lse(b)
 
 Forward reads each row once (online softmax for both rows, plus A = sum exp(a - m_a)(a - b) under
-the same rescaling) and writes, per row, the loss T^2 KL and the statistics (lse_a, lse_b, KL).
+the same rescaling) and writes, per row, the loss T^2 KL and the statistics (m_a, log z_a, m_b,
+log z_b, KL), lse = m + log z kept in two parts so that log p = (a - m) - log z stays exact.
 Backward re-reads both rows once and writes the gradients
     dL/dx_Q = g T (q - p),        dL/dx_P = g T p (log p - log q - KL),
 g being the incoming gradient of the row's loss.
@@ -17,11 +18,15 @@ import triton.language as tl
 
 from .common import counted_length, load_scaled, online_lse_update, pair_backward, pair_forward
 
+N_STATS = tl.constexpr(5)  # per row: m_p, log z_p, m_q, log z_q, KL
+
 
 @triton.jit
 def online_kl(p_ptr, q_ptr, row, n, V, stride_p, stride_pc, stride_q, stride_qc, inv_t, skip_col,
               SKIP: tl.constexpr, UNIT_P: tl.constexpr, UNIT_Q: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """One online pass over the first n columns of both rows -> (lse(a), lse(b), KL(softmax a || softmax b)).
+    """One online pass over the first n columns of both rows -> (m_a, log z_a, m_b, log z_b, KL(softmax a || softmax b)).
+
+    lse = m + log z is kept in two parts: log p = (x - m) - log z rounds at the size of log z, not of lse.
 
     With SKIP, column `skip_col` is left out of both rows (DKD's non-target distributions).
     Keeps, under the online-softmax rescaling, A = sum exp(a - m_a) (a - b); then
@@ -46,7 +51,7 @@ def online_kl(p_ptr, q_ptr, row, n, V, stride_p, stride_pc, stride_q, stride_qc,
         # p_j = 0 terms contribute nothing (also where a = b = -inf or the lane is masked)
         acc = acc * alpha + tl.sum(tl.where(e_a > 0, e_a * (a - b), 0.0), 0)
     kl = acc / z_a + (m_b - m_a) + tl.log(z_b / z_a)
-    return m_a + tl.log(z_a), m_b + tl.log(z_b), kl
+    return m_a, tl.log(z_a), m_b, tl.log(z_b), kl
 
 
 @triton.jit
@@ -57,19 +62,23 @@ def kl_forward_kernel(
     HAS_LABELS: tl.constexpr, UNIT_P: tl.constexpr, UNIT_Q: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Per row: reads V logits of P and of Q once; writes loss[row] = T^2 KL and stats[row] = (lse_a, lse_b, KL)."""
+    """Per row: reads V logits of P and of Q once; writes loss[row] = T^2 KL and
+    stats[row] = (m_a, log z_a, m_b, log z_b, KL)."""
     row = tl.program_id(0).to(tl.int64)
     temp = tl.full((), temperature, ACC)
     inv_t = 1.0 / temp
     n = counted_length(labels_ptr, row, V, ignore_index, HAS_LABELS)
     active = n > 0
-    lse_a, lse_b, kl = online_kl(p_ptr, q_ptr, row, n, V, stride_p, stride_pc, stride_q, stride_qc, inv_t, -1,
-                                 False, UNIT_P, UNIT_Q, ACC, BLOCK)
+    m_a, lz_a, m_b, lz_b, kl = online_kl(p_ptr, q_ptr, row, n, V, stride_p, stride_pc, stride_q, stride_qc, inv_t,
+                                         -1, False, UNIT_P, UNIT_Q, ACC, BLOCK)
     kl = tl.where(active, tl.maximum(kl, 0.0), 0.0)
     tl.store(loss_ptr + row, kl * temp * temp)
-    tl.store(stats_ptr + 3 * row, tl.where(active, lse_a, 0.0))
-    tl.store(stats_ptr + 3 * row + 1, tl.where(active, lse_b, 0.0))
-    tl.store(stats_ptr + 3 * row + 2, kl)
+    base = stats_ptr + N_STATS * row
+    tl.store(base, tl.where(active, m_a, 0.0))
+    tl.store(base + 1, tl.where(active, lz_a, 0.0))
+    tl.store(base + 2, tl.where(active, m_b, 0.0))
+    tl.store(base + 3, tl.where(active, lz_b, 0.0))
+    tl.store(base + 4, kl)
 
 
 @triton.jit
@@ -89,17 +98,16 @@ def kl_backward_kernel(
     inv_t = 1.0 / temp
     n = counted_length(labels_ptr, row, V, ignore_index, HAS_LABELS)
     active = n > 0
-    lse_a = tl.load(stats_ptr + 3 * row)
-    lse_b = tl.load(stats_ptr + 3 * row + 1)
-    kl = tl.load(stats_ptr + 3 * row + 2)
+    base = stats_ptr + N_STATS * row
+    m_a, lz_a, m_b, lz_b, kl = tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3), tl.load(base + 4)
     g = tl.load(grad_loss_ptr + row * stride_g).to(ACC) * temp
     g = tl.where(active, g, 0.0)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < V
         load_mask = cols < n
-        log_p = load_scaled(p_ptr, row, stride_p, cols, stride_pc, load_mask, inv_t, UNIT_P, ACC) - lse_a
-        log_q = load_scaled(q_ptr, row, stride_q, cols, stride_qc, load_mask, inv_t, UNIT_Q, ACC) - lse_b
+        log_p = (load_scaled(p_ptr, row, stride_p, cols, stride_pc, load_mask, inv_t, UNIT_P, ACC) - m_a) - lz_a
+        log_q = (load_scaled(q_ptr, row, stride_q, cols, stride_qc, load_mask, inv_t, UNIT_Q, ACC) - m_b) - lz_b
         p = tl.exp(log_p)
         q = tl.exp(log_q)
         out = row * V + cols
@@ -111,8 +119,8 @@ def kl_backward_kernel(
 
 
 def kl_div_rows(p, q, temperature, labels, ignore_index):
-    """Row losses T^2 KL(P || Q) of logits `p`, `q` ([..., V]) -> (loss [N], stats [N, 3])."""
-    return pair_forward(kl_forward_kernel, p, q, labels, ignore_index, 3, (float(temperature),))
+    """Row losses T^2 KL(P || Q) of logits `p`, `q` ([..., V]) -> (loss [N], stats [N, 5])."""
+    return pair_forward(kl_forward_kernel, p, q, labels, ignore_index, N_STATS.value, (float(temperature),))
 
 
 def kl_div_rows_backward(grad_loss, p, q, stats, temperature, labels, ignore_index, grad_p, grad_q):

@@ -31,7 +31,7 @@ def softmax_forward_kernel(
         x = load_scaled(x_ptr, row, stride_x, cols, stride_xc, cols < V, inv_t, UNIT_X, ACC)
         m, z, _, e = online_lse_update(m, z, x)
         if LOG:
-            y = x - (m + tl.log(z))
+            y = (x - m) - tl.log(z)
         else:
             y = e / z
         tl.store(y_ptr + row * V + cols, y.to(y_ptr.dtype.element_ty), mask=cols < V)
@@ -40,10 +40,10 @@ def softmax_forward_kernel(
             cols = start + tl.arange(0, BLOCK)
             m, z, _, _ = online_lse_update(m, z, load_scaled(x_ptr, row, stride_x, cols, stride_xc, cols < V, inv_t,
                                                              UNIT_X, ACC))
-        lse = m + tl.log(z)
+        log_z = tl.log(z)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            y = load_scaled(x_ptr, row, stride_x, cols, stride_xc, cols < V, inv_t, UNIT_X, ACC) - lse
+            y = (load_scaled(x_ptr, row, stride_x, cols, stride_xc, cols < V, inv_t, UNIT_X, ACC) - m) - log_z
             if not LOG:
                 y = tl.exp(y)
             tl.store(y_ptr + row * V + cols, y.to(y_ptr.dtype.element_ty), mask=cols < V)
