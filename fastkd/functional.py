@@ -11,22 +11,22 @@ from ._reduce import reduce_rows
 from .backend import resolve
 
 
-def softmax(x, temperature=1.0):
-    """softmax(x / T) along the last dim, in the dtype of x."""
+def _softmax(x, temperature, log):
     _checks.check_logits(x, "x")
     temperature = _checks.check_temperature(temperature)
     if resolve(x) == "reference":
-        return reference.softmax(x, temperature)
-    return ops.softmax(x, temperature, False)
+        return (reference.log_softmax if log else reference.softmax)(x, temperature)
+    return ops.softmax(x, temperature, log)
+
+
+def softmax(x, temperature=1.0):
+    """softmax(x / T) along the last dim, in the dtype of x."""
+    return _softmax(x, temperature, False)
 
 
 def log_softmax(x, temperature=1.0):
     """log_softmax(x / T) along the last dim, in the dtype of x."""
-    _checks.check_logits(x, "x")
-    temperature = _checks.check_temperature(temperature)
-    if resolve(x) == "reference":
-        return reference.log_softmax(x, temperature)
-    return ops.softmax(x, temperature, True)
+    return _softmax(x, temperature, True)
 
 
 def _check_loss_args(student_logits, teacher_logits, temperature, labels, ignore_index, reduction):
