@@ -80,9 +80,9 @@ def tl_acc_dtype(*dtypes):
     return tl.float64 if torch.float64 in dtypes else tl.float32
 
 
-def block_config(V, dtype):
-    """Columns per block and warps per program for a row of length V."""
-    max_block = MAX_BLOCK if dtype.itemsize <= 4 else MAX_BLOCK // 2
+def block_config(V, *dtypes):
+    """Columns per block and warps per program for rows of length V in `dtypes` (the widest decides)."""
+    max_block = MAX_BLOCK if max(d.itemsize for d in dtypes) <= 4 else MAX_BLOCK // 2
     block = min(max(triton.next_power_of_2(V), 16), max_block)
     num_warps = 8 if block >= 2048 else 4 if block >= 512 else 2 if block >= 128 else 1
     return block, num_warps
@@ -113,7 +113,7 @@ def pair_forward(kernel, a, b, labels, ignore_index, n_stats, scalars):
     loss = torch.empty(N, dtype=acc, device=a.device)
     stats = torch.empty(N, n_stats, dtype=acc, device=a.device)
     if N:
-        block, num_warps = block_config(V, max(a.dtype, b.dtype, key=lambda d: d.itemsize))
+        block, num_warps = block_config(V, a.dtype, b.dtype)
         kernel[(N,)](
             a2, b2, labels.reshape(-1) if labels is not None else loss, loss, stats,
             V, a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1), *scalars, ignore_index,
@@ -136,7 +136,7 @@ def pair_backward(kernel, grad_loss, a, b, stats, labels, ignore_index, grad_a, 
     gb = torch.empty(b.shape, dtype=b.dtype, device=b.device) if grad_b else None
     if N and (grad_a or grad_b):
         g = grad_loss.reshape(-1) if grad_loss.dim() else grad_loss.expand(N)
-        block, num_warps = block_config(V, max(a.dtype, b.dtype, key=lambda d: d.itemsize))
+        block, num_warps = block_config(V, a.dtype, b.dtype)
         kernel[(N,)](
             a2, b2, labels.reshape(-1) if labels is not None else stats, stats, g,
             ga if grad_a else gb, gb if grad_b else ga,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import as_rows, block_config, counted_length, expm1, load_scaled, log1p, tl_acc_dtype
+from .common import acc_dtype, as_rows, block_config, counted_length, expm1, load_scaled, log1p, tl_acc_dtype
 
 ROW_STATS = tl.constexpr(7)  # m_s, l_s, m_t, l_t, S_ss, S_tt, S_st
 COL_STATS = tl.constexpr(5)  # mean q_s, mean q_t, M2_s, M2_t, C_st
@@ -237,13 +237,13 @@ def dist_stats(s, t, labels, temperature, ignore_index):
     M2_s, M2_t, C_st over the counted rows) of two logit tensors [..., V]."""
     s2, t2 = as_rows(s), as_rows(t)
     N, V = s2.shape
-    acc = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
+    acc = acc_dtype(s.dtype, t.dtype)
     row_stats = torch.empty(N, ROW_STATS.value, dtype=acc, device=s.device)
     col_stats = torch.empty(V, COL_STATS.value, dtype=acc, device=s.device)
     lab = labels.reshape(-1) if labels is not None else row_stats
     common = dict(HAS_LABELS=labels is not None, ACC=tl_acc_dtype(s.dtype, t.dtype))
     if N:
-        block, num_warps = block_config(V, max(s.dtype, t.dtype, key=lambda d: d.itemsize))
+        block, num_warps = block_config(V, s.dtype, t.dtype)
         dist_row_stats_kernel[(N,)](
             s2, t2, lab, row_stats, V, s2.stride(0), s2.stride(1), t2.stride(0), t2.stride(1),
             float(temperature), ignore_index, UNIT_S=s2.stride(1) == 1, UNIT_T=t2.stride(1) == 1,
