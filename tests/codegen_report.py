@@ -25,7 +25,8 @@ TILES = {"BLOCK_R": kernels.dist.BLOCK_R, "BLOCK_C": 64}  # the DIST tile kernel
 def _strides(*names):
     return {n: "i64" for n in names}
 
-# kernel, runtime signature, constexprs (bf16 rows: 4096-column blocks, 8 warps)
+# kernel, runtime signature, constexprs[, launch]: bf16 rows get 4096-column blocks and 8 warps unless the
+# constexprs fix their own tile (BLOCK_R, as DIST's tile kernels) or `launch` gives num_warps.
 CASES = {
     "kl_forward": (
         kernels.kl.kl_forward_kernel,
@@ -109,13 +110,14 @@ CASES = {
 def report():
     block, num_warps = kernels.common.block_config(V, torch.bfloat16)
     out = {}
-    for name, (kernel, signature, constexprs) in CASES.items():
+    for name, (kernel, signature, constexprs, *launch) in CASES.items():
         divisibility = {n: 16 for n, ty in signature.items() if (n == "V" or n.startswith("stride")) and ty != "constexpr"}
-        tiled = "BLOCK_R" in constexprs  # DIST's tile kernels: default launch, 4 warps
-        meta = {**constexprs, "ACC": tl.float32, **({} if tiled else {"BLOCK": block})}
+        launch = launch[0] if launch else {}
+        own_tile = "BLOCK_R" in constexprs or "num_warps" in launch  # the kernel's own tile: its own warps
+        meta = {"ACC": tl.float32, **({} if own_tile else {"BLOCK": block}), **constexprs}
         for arch in ARCHS:
-            r = compile_report(kernel, signature, meta, arch=arch, num_warps=4 if tiled else num_warps,
-                               divisibility=divisibility)
+            r = compile_report(kernel, signature, meta, arch=arch, num_warps=launch.get("num_warps", 4) if own_tile
+                               else num_warps, divisibility=divisibility)
             out[f"{name}@sm_{arch}"] = {"registers": r.registers, "spill_bytes": r.spill_bytes,
                                         "ldg128": r.has_128bit_loads}
     return out
