@@ -1,6 +1,6 @@
 """fastkd: fused Triton kernels for knowledge-distillation losses.
 
-Functional API (`fastkd.functional`): softmax, log_softmax, kl_div, jsd, dkd, dist.  Modules: KLDiv, JSD,
+Functional API (`fastkd.functional`): softmax, log_softmax, kl_div, jsd, dkd, dist, sparse_kl_div, sparse_jsd.  Modules: KLDiv, JSD,
 DKD, DIST.
 Eager references with the same signatures: `fastkd.reference`.  Backend choice: `fastkd.use_backend`.
 """
@@ -14,8 +14,9 @@ if _os.path.isfile(_os.path.join(_checkout, "kernels", "__init__.py")):
 
 from . import reference  # noqa: E402
 from .backend import use_backend  # noqa: E402
-from .functional import dist, dkd, jsd, kl_div, log_softmax, softmax  # noqa: E402
+from .functional import dist, dkd, jsd, kl_div, log_softmax, softmax, sparse_jsd, sparse_kl_div  # noqa: E402
 from .modules import DIST, DKD, JSD, KLDiv  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["DIST", "DKD", "JSD", "KLDiv", "dist", "dkd", "jsd", "kl_div", "log_softmax", "reference", "softmax", "use_backend"]
+__all__ = ["DIST", "DKD", "JSD", "KLDiv", "dist", "dkd", "jsd", "kl_div", "log_softmax", "reference", "softmax", "sparse_jsd",
+           "sparse_kl_div", "use_backend"]

@@ -103,3 +103,38 @@ def dkd_target(target, logits, ignore_index):
             raise ValueError(f"target must be in [0, {V}) or ignore_index={ignore_index}, got "
                              f"{target[bad].flatten()[:5].tolist()}")
     return target
+
+
+def sparse_teacher(teacher_ids, teacher_values, logits, values, missing):
+    """A top-k teacher: integer ids and float values [..., K], K >= 1, leading dims those of the logits.
+    On the CPU an id outside [0, V) whose value is not -inf (padding) is refused; on a GPU it gives a NaN row."""
+    if values not in ("logprobs", "logits"):
+        raise ValueError(f"values must be 'logprobs' or 'logits', got {values!r}")
+    if missing not in ("tail", "renormalize"):
+        raise ValueError(f"missing must be 'tail' or 'renormalize', got {missing!r}")
+    if values == "logits" and missing == "tail":
+        raise ValueError("missing='tail' needs values='logprobs': K teacher logits do not say how much mass lies "
+                         "outside the K ids; pass log-probs or use missing='renormalize'")
+    for t, name in ((teacher_ids, "teacher_ids"), (teacher_values, "teacher_values")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != logits.dim() or t.shape[:-1] != logits.shape[:-1] or t.shape[-1] == 0:
+            raise ValueError(f"{name} must have shape [..., K], K >= 1, with the logits' leading shape "
+                             f"{tuple(logits.shape[:-1])}, got {tuple(t.shape)}")
+        if t.device != logits.device:
+            raise ValueError(f"{name} must be on the logits' device {logits.device}, got {t.device}")
+    if teacher_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"teacher_ids must be int32 or int64, got {teacher_ids.dtype}")
+    if teacher_values.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"teacher_values must be a float tensor, got {teacher_values.dtype}")
+    if teacher_ids.shape != teacher_values.shape:
+        raise ValueError(f"teacher_ids and teacher_values must have the same shape, got {tuple(teacher_ids.shape)} "
+                         f"and {tuple(teacher_values.shape)}")
+    if teacher_values.requires_grad:
+        raise ValueError("teacher_values must not require grad: the sparse teacher is a constant (detach it)")
+    if range_checkable(teacher_ids):
+        V = logits.shape[-1]
+        bad = (teacher_values != float("-inf")) & ((teacher_ids < 0) | (teacher_ids >= V))
+        if bad.any():
+            raise ValueError(f"teacher_ids must be in [0, {V}) where teacher_values is not -inf (padding), got "
+                             f"{teacher_ids[bad].flatten()[:5].tolist()}")

@@ -115,3 +115,42 @@ def dist(student_logits, teacher_logits, beta=1.0, gamma=1.0, temperature=1.0, *
         return _dist.GlobalDIST.apply(ops._kernels(), student_logits, teacher_logits, labels, beta, gamma,
                                       temperature, eps, ignore_index, group)
     return ops.dist(student_logits, teacher_logits, labels, beta, gamma, temperature, eps, ignore_index)[0]
+
+
+def _sparse(student_logits, teacher_ids, teacher_values, beta, values, missing, temperature, labels, ignore_index,
+            reduction):
+    temperature = _check_loss_args(student_logits, student_logits, temperature, labels, ignore_index, reduction)
+    _checks.sparse_teacher(teacher_ids, teacher_values, student_logits, values, missing)
+    if resolve(student_logits) == "reference":
+        return reference._sparse(student_logits, teacher_ids, teacher_values, beta, values, missing, temperature,
+                                 labels, ignore_index, reduction)
+    mode = 0 if beta == 0.0 else 1 if beta == 1.0 else 2
+    rows, _ = ops.sparse_kl_rows(student_logits, teacher_ids, teacher_values, mode, beta, temperature,
+                                 missing == "tail", values == "logits", labels, ignore_index)
+    return reduce_rows(rows, labels, ignore_index, reduction, student_logits.shape[:-1])
+
+
+def sparse_kl_div(student_logits, teacher_ids, teacher_values, *, values="logprobs", missing="tail", temperature=1.0,
+                  reverse=False, labels=None, ignore_index=-100, reduction="batchmean"):
+    """T^2 KL(Q || P) per row (reverse=True: KL(P || Q)) against a teacher known at K ids per row (top-k).
+
+    teacher_ids [..., K] (int32/int64) and teacher_values [..., K]: the teacher's log-probs (values='logprobs',
+    taken as given: log-probs at the distillation temperature) or logits (values='logits', divided by T).
+    A pair whose value is -inf is padding (its id is never read; pad with any id).  Ids must be distinct
+    otherwise.  missing='tail': one more bucket holds the mass outside the K ids on both sides (student:
+    1 - sum of its softmax over the ids; teacher: 1 - sum exp(log-probs)); missing='renormalize': both
+    distributions renormalised over the K ids (the student's other logits get zero gradient).  The student
+    logits are the full rows [..., V] and get the gradient; the teacher is a constant.  An id outside
+    [0, V) with a finite value is refused on the CPU and gives a NaN row on a GPU.
+    """
+    return _sparse(student_logits, teacher_ids, teacher_values, 1.0 if reverse else 0.0, values, missing, temperature,
+                   labels, ignore_index, reduction)
+
+
+def sparse_jsd(student_logits, teacher_ids, teacher_values, beta=0.5, *, values="logprobs", missing="tail",
+               temperature=1.0, labels=None, ignore_index=-100, reduction="batchmean"):
+    """T^2 JSD_beta (jsd's convention, M = (1 - beta) P + beta Q) against a top-k teacher, over the same
+    buckets as sparse_kl_div (the K ids, plus the tail or renormalised)."""
+    beta = _checks.check_number(beta, "beta", 0.0, 1.0)
+    return _sparse(student_logits, teacher_ids, teacher_values, beta, values, missing, temperature, labels,
+                   ignore_index, reduction)

@@ -246,3 +246,46 @@ def _dist_grad(ctx, grad, *_grad_stats):
 
 
 dist.register_autograd(_dist_grad, setup_context=_dist_setup)
+
+
+# -- KL / JSD against a sparse (top-k) teacher ----------------------------------------------------
+
+@torch.library.custom_op("fastkd::sparse_kl_rows", mutates_args=())
+def sparse_kl_rows(s: Tensor, ids: Tensor, values: Tensor, mode: int, beta: float, temperature: float, tail: bool,
+                   logits: bool, labels: Optional[Tensor], ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Row losses T^2 D(P, Q) over the teacher's K ids (+ the tail bucket) and row statistics (5 per row, see
+    kernels/sparse_kl.py); mode 0 forward KL, 1 reverse KL, 2 JSD(beta)."""
+    return _kernels().sparse_kl_rows(s, ids, values, (mode, beta, temperature, tail, logits), labels, ignore_index)
+
+
+@sparse_kl_rows.register_fake
+def _(s, ids, values, mode, beta, temperature, tail, logits, labels, ignore_index):
+    n = _rows(s)
+    return s.new_empty(n, dtype=_acc(s, values)), s.new_empty(n, 5, dtype=_acc(s, values))
+
+
+@torch.library.custom_op("fastkd::sparse_kl_rows_backward", mutates_args=())
+def sparse_kl_rows_backward(grad_loss: Tensor, s: Tensor, ids: Tensor, values: Tensor, stats: Tensor, mode: int,
+                            beta: float, temperature: float, tail: bool, logits: bool, labels: Optional[Tensor],
+                            ignore_index: int) -> Tensor:
+    return _kernels().sparse_kl_rows_backward(grad_loss, s, ids, values, stats, (mode, beta, temperature, tail, logits),
+                                              labels, ignore_index)
+
+
+@sparse_kl_rows_backward.register_fake
+def _(grad_loss, s, ids, values, stats, mode, beta, temperature, tail, logits, labels, ignore_index):
+    return s.new_empty(s.shape)
+
+
+def _sparse_setup(ctx, inputs, output):
+    s, ids, values, *ctx.config, labels, ctx.ignore_index = inputs
+    ctx.save_for_backward(s, ids, values, output[1], labels)
+
+
+def _sparse_grad(ctx, grad_loss, _grad_stats):
+    s, ids, values, stats, labels = ctx.saved_tensors
+    gs = sparse_kl_rows_backward(grad_loss, s, ids, values, stats, *ctx.config, labels, ctx.ignore_index)
+    return (gs,) + (None,) * 9
+
+
+sparse_kl_rows.register_autograd(_sparse_grad, setup_context=_sparse_setup)

@@ -117,3 +117,66 @@ def dist(student_logits, teacher_logits, beta=1.0, gamma=1.0, temperature=1.0, *
     inter = 1 - _pearson_rows(ps, pt, eps).mean()
     intra = 1 - _pearson_rows(ps.t(), pt.t(), eps).mean()
     return temperature**2 * (beta * inter + gamma * intra)
+
+
+def _safe_log(x):
+    """log x with log 0 = -inf and a zero (not NaN) gradient there."""
+    return torch.where(x > 0, torch.log(torch.where(x > 0, x, 1.0)), float("-inf"))
+
+
+def _sparse_buckets(student_logits, teacher_ids, teacher_values, values, missing, temperature):
+    """Student and teacher log-masses per bucket [N, K (+1 tail)]: full-vocabulary softmax, gather, and the tail
+    as the exact sum over the ids outside the support (padding pairs, value -inf, are empty buckets)."""
+    s = _acc(student_logits, temperature)
+    N, V = s.shape
+    ids = teacher_ids.reshape(N, -1).long()
+    vals = teacher_values.reshape(N, -1).to(s.dtype)
+    valid = vals != float("-inf")
+    ids = torch.where(valid, ids, 0)
+    if values == "logits":
+        vals = vals / temperature
+    if missing == "renormalize":
+        a = torch.where(valid, s.gather(1, ids), float("-inf"))
+        vals = torch.where(valid, vals, float("-inf"))
+        some = valid.any(1, keepdim=True)  # an all-padding row has no support: both sides empty
+        a, vals = torch.where(some, a, 0.0), torch.where(some, vals, 0.0)
+        log_p = torch.where(valid, a - a.logsumexp(1, keepdim=True), float("-inf"))
+        log_q = torch.where(valid, vals - vals.logsumexp(1, keepdim=True), float("-inf"))
+        return log_p, log_q
+    log_s = s.log_softmax(-1)
+    in_support = torch.zeros_like(s).scatter_add_(1, ids, valid.to(s.dtype)) > 0
+    log_p = torch.where(valid, log_s.gather(1, ids), float("-inf"))
+    log_q = torch.where(valid, vals, float("-inf"))
+    p_tail = torch.where(in_support, 0.0, log_s.exp()).sum(1, keepdim=True)
+    q_tail = (1 - log_q.exp().sum(1, keepdim=True)).clamp_min(0.0)
+    q_tail = torch.where(in_support.all(1, keepdim=True), 0.0, q_tail)  # no tail ids: nothing outside
+    return torch.cat([log_p, _safe_log(p_tail)], 1), torch.cat([log_q, _safe_log(q_tail)], 1)
+
+
+def _sparse(student_logits, teacher_ids, teacher_values, beta, values, missing, temperature, labels, ignore_index,
+            reduction):
+    log_p, log_q = _sparse_buckets(student_logits, teacher_ids, teacher_values, values, missing, temperature)
+    if beta == 0:
+        rows = _kl_rows(log_q, log_p)
+    elif beta == 1:
+        rows = _kl_rows(log_p, log_q)
+    else:
+        log_m = torch.logaddexp(log_p + torch.log1p(torch.tensor(-beta, dtype=log_p.dtype)),
+                                log_q + torch.log(torch.tensor(beta, dtype=log_p.dtype)))
+        rows = beta * _kl_rows(log_q, log_m) + (1 - beta) * _kl_rows(log_p, log_m)
+    return _finish(rows * temperature**2, labels, ignore_index, reduction, student_logits.shape[:-1])
+
+
+def sparse_kl_div(student_logits, teacher_ids, teacher_values, *, values="logprobs", missing="tail", temperature=1.0,
+                  reverse=False, labels=None, ignore_index=-100, reduction="batchmean"):
+    """T^2 KL(Q || P) (reverse: KL(P || Q)) over the teacher's K ids, plus a tail bucket or renormalised; see
+    fastkd.sparse_kl_div."""
+    return _sparse(student_logits, teacher_ids, teacher_values, 1.0 if reverse else 0.0, values, missing,
+                   temperature, labels, ignore_index, reduction)
+
+
+def sparse_jsd(student_logits, teacher_ids, teacher_values, beta=0.5, *, values="logprobs", missing="tail",
+               temperature=1.0, labels=None, ignore_index=-100, reduction="batchmean"):
+    """T^2 JSD_beta over the teacher's K ids, plus a tail bucket or renormalised; see fastkd.sparse_jsd."""
+    return _sparse(student_logits, teacher_ids, teacher_values, beta, values, missing, temperature, labels,
+                   ignore_index, reduction)

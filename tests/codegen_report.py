@@ -94,6 +94,21 @@ CASES = {
          **_strides("stride_x", "stride_o"), "stride_xc": "constexpr", "stride_oc": "constexpr", "ignore_index": "i32"},
         {"HAS_LABELS": True, "stride_xc": 1, "stride_oc": 1, **TILES},
     ),
+    "sparse_kl_forward": (
+        kernels.sparse_kl.sparse_kl_forward_kernel,
+        {"s_ptr": "*bf16", "ids_ptr": "*i64", "values_ptr": "*fp32", "labels_ptr": "*i64", "loss_ptr": "*fp32",
+         "stats_ptr": "*fp32", "V": "i32", "K": "i32", **_strides("stride_s", "stride_sc", "stride_i", "stride_ic",
+         "stride_v", "stride_vc"), "temperature": "fp64", "beta": "fp64", "ignore_index": "i32"},
+        {"MODE": 2, "TAIL": True, "LOGITS": False, "HAS_LABELS": True, "UNIT_S": True, "KBLOCK": 64},
+    ),
+    "sparse_kl_backward": (
+        kernels.sparse_kl.sparse_kl_backward_kernel,
+        {"s_ptr": "*bf16", "ids_ptr": "*i64", "values_ptr": "*fp32", "labels_ptr": "*i64", "stats_ptr": "*fp32",
+         "grad_loss_ptr": "*fp32", "grad_ptr": "*bf16", "V": "i32", "K": "i32", **_strides("stride_s", "stride_sc",
+         "stride_i", "stride_ic", "stride_v", "stride_vc", "stride_g"), "temperature": "fp64", "beta": "fp64",
+         "ignore_index": "i32"},
+        {"MODE": 2, "TAIL": True, "LOGITS": False, "HAS_LABELS": True, "UNIT_S": True, "KBLOCK": 64},
+    ),
     "softmax_forward": (
         kernels.softmax.softmax_forward_kernel,
         {"x_ptr": "*bf16", "y_ptr": "*bf16", **ROW, **_strides("stride_x")},
