@@ -17,7 +17,7 @@ ROWS, VOCABS = 8192, [32000, 128256]
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_forward_backward(benchmark, loss, impl, V):
     fn = implementations(loss, compiled=impl == "compile")[impl]
-    s, t = inputs(ROWS, V, torch.bfloat16, "cuda")
+    s, t = inputs(ROWS, V, torch.bfloat16, "cuda", name=loss)
 
     def step():
         torch.autograd.grad(fn(s, t).sum(), s)

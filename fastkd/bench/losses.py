@@ -11,8 +11,11 @@ LOSSES = {
     "jsd": ("jsd", {"beta": 0.5}, (4.0, 3.0)),
     "dkd": ("dkd", {"alpha": 1.0, "beta": 8.0}, (2.0, 3.0)),
     "dist": ("dist", {"beta": 1.0, "gamma": 1.0}, (4.0, 5.0)),
+    # top-k teacher (K = TOP_K log-probs, tail bucket): the student row only
+    "sparse_kl": ("sparse_kl_div", {}, (1.0, 2.0)),
 }
 TEMPERATURE = 2.0
+TOP_K = 64
 
 
 def model_bytes(name, mode):
@@ -33,14 +36,26 @@ def call(name, module, s, t):
         return fn(s, TEMPERATURE)
     if name == "dkd":
         return fn(s, t, target_of(s), temperature=TEMPERATURE, **kwargs)
+    if name == "sparse_kl":
+        return fn(s, *t, temperature=TEMPERATURE, **kwargs)
     return fn(s, t, temperature=TEMPERATURE, **kwargs)
 
 
-def inputs(rows, V, dtype, device, seed=0):
+def inputs(rows, V, dtype, device, seed=0, name=None):
+    """Student logits (requiring grad) and the teacher: logits, or for sparse_kl the (ids, log-probs at T) of
+    its top TOP_K (prepared here, outside any timing)."""
     g = torch.Generator().manual_seed(seed)
     s = (2 * torch.randn(rows, V, generator=g)).to(device=device, dtype=dtype).requires_grad_()
     t = (2 * torch.randn(rows, V, generator=g)).to(device=device, dtype=dtype)
+    if name == "sparse_kl":
+        values, ids = torch.log_softmax(t.float() / TEMPERATURE, -1).topk(min(TOP_K, V), -1)
+        return s, (ids, values.to(dtype))
     return s, t
+
+
+def to_fp64(t):
+    """The teacher input for the fp64 reference."""
+    return (t[0], t[1].double()) if isinstance(t, tuple) else t.double()
 
 
 def weight_of(out, dtype):

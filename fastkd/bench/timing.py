@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from .losses import LOSSES, TEMPERATURE, call, inputs, model_bytes, rel_err, weight_of
+from .losses import LOSSES, TEMPERATURE, call, inputs, model_bytes, rel_err, to_fp64, weight_of
 
 MODES = ("forward", "backward", "forward+backward")
 ERROR_ROWS = 32
@@ -116,11 +116,11 @@ def max_error(name, fn, dtype):
     """Norm-wise relative error of the loss and student gradient on ERROR_ROWS rows against fp64."""
     from fastkd import reference
 
-    s, t = inputs(ERROR_ROWS, 4096, dtype, "cuda", seed=7)
+    s, t = inputs(ERROR_ROWS, 4096, dtype, "cuda", seed=7, name=name)
     out = fn(s, t)
     (grad,) = torch.autograd.grad((out * weight_of(out, s.dtype)).sum(), s)
     s64 = s.detach().double().requires_grad_()
-    ref = call(name, reference, s64, t.double())
+    ref = call(name, reference, s64, to_fp64(t))
     (ref_grad,) = torch.autograd.grad((ref * weight_of(ref, s.dtype)).sum(), s64)
     return max(rel_err(out.detach(), ref), rel_err(grad, ref_grad))
 
@@ -132,7 +132,7 @@ def time_all(shapes, dtype, reps, compile_losses, progress):
         nbytes = rows * V * torch.finfo(dtype).bits // 8
         copy = copy_gbps(max(2 * nbytes, 2**28), reps)
         count = 3 if 2 * nbytes < L2_SAFE_BYTES else 1
-        buffers = [inputs(rows, V, dtype, "cuda", seed) for seed in range(count)]
+        buffers = [inputs(rows, V, dtype, "cuda", seed, name) for seed in range(count)]
         for impl, fn in implementations(name, name in compile_losses).items():
             err = max_error(name, fn, dtype)
             for mode in MODES:

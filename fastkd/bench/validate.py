@@ -1,7 +1,7 @@
 """No GPU: every fused kernel under the Triton interpreter against the fp64 reference, and its bytes."""
 import torch
 
-from .losses import forward_backward, inputs, model_bytes, rel_err
+from .losses import forward_backward, inputs, model_bytes, rel_err, to_fp64
 
 # Largest norm-wise relative errors accepted against fp64 (output or loss, gradient).  A bf16 softmax
 # gradient comes from the bf16 output, as torch's does: torch's own bf16 softmax is ~3% off here too.
@@ -23,14 +23,14 @@ def validate(losses, progress):
     for name, dtype in progress([(n, d) for n in losses for d in (torch.float32, torch.bfloat16)]):
         worst_out = worst_grad = 0.0
         for n, V in SHAPES:
-            s, t = inputs(n, V, dtype, "cpu")
+            s, t = inputs(n, V, dtype, "cpu", name=name)
             out, grad = forward_backward(name, fastkd, s, t)
-            ref_out, ref_grad = forward_backward(name, reference, s.detach().double().requires_grad_(), t.double())
+            ref_out, ref_grad = forward_backward(name, reference, s.detach().double().requires_grad_(), to_fp64(t))
             if dtype == torch.bfloat16 and "softmax" in name:
                 ref_out = ref_out.to(dtype)  # the output itself is rounded to bf16
             worst_out = max(worst_out, rel_err(out, ref_out))
             worst_grad = max(worst_grad, rel_err(grad, ref_grad))
-        s, t = inputs(*BYTES_SHAPE, dtype, "cpu")
+        s, t = inputs(*BYTES_SHAPE, dtype, "cpu", name=name)
         elems = s.numel() * s.element_size()
         with count_bytes(stream_numel=s.numel()) as traffic:
             forward_backward(name, fastkd, s, t)
