@@ -240,6 +240,12 @@ def test_module_argument_errors():
         PKT(reduction="sum")
     with pytest.raises(ValueError, match="normalize must be one of"):
         SP(normalize="col")
+    for make in (lambda w: FitNet((2, 4, 8, 8), (2, 4, 8, 8), weight=w), lambda w: CC(weight=w),
+                 lambda w: PKT(weight=w), lambda w: SP(weight=w)):
+        with pytest.raises(ValueError, match="weight must be finite"):
+            make(-1.0)
+        with pytest.raises(TypeError, match="weight must be a real number"):
+            make(None)
 
 
 # ------------------------------------------------------------------------------------------------------ modules
@@ -253,7 +259,7 @@ def test_fitnet_module_regresses_and_trains(s_hw, t_hw):
     loss = module(f_s, f_t)
     reg = module.regressors[0]
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, fitnet_loss(torch.relu(reg.bn(reg.conv(f_s))), f_t))
+    torch.testing.assert_close(loss, 100 * fitnet_loss(torch.relu(reg.bn(reg.conv(f_s))), f_t))  # mdistiller's weight
     loss.backward()
     assert f_s.grad is not None and float(f_s.grad.norm()) > 0
     for p in module.parameters():
@@ -265,10 +271,10 @@ def test_fitnet_module_stages_and_use_relu():
     shapes = [(2, 4, 8, 8), (2, 8, 4, 4)], [(2, 6, 4, 4), (2, 3, 4, 4)]
     f_s = [randn((2, *s[1:]), i).float() for i, s in enumerate(shapes[0])]
     f_t = [randn((2, *t[1:]), 5 + i).float() for i, t in enumerate(shapes[1])]
-    relu, linear = FitNet(*shapes), FitNet(*shapes, use_relu=False)
+    relu, linear = FitNet(*shapes, weight=1.0), FitNet(*shapes, use_relu=False, weight=2.5)
     linear.load_state_dict(relu.state_dict())
     mapped = [r.bn(r.conv(s)) for r, s in zip(relu.regressors, f_s)]
-    torch.testing.assert_close(linear(f_s, f_t), fitnet_loss(mapped, f_t))
+    torch.testing.assert_close(linear(f_s, f_t), 2.5 * fitnet_loss(mapped, f_t))
     torch.testing.assert_close(relu(f_s, f_t), fitnet_loss([m.relu() for m in mapped], f_t))
 
 
@@ -278,19 +284,21 @@ def test_cc_module_embeds_and_trains(form):
     module = CC(12, 20, feat_dim=8, form=form, gamma=0.5, order=3)
     f_s, f_t = leaf(randn((5, 3, 2, 2)).float()), randn((5, 20), 1).float()
     loss = module(f_s, f_t)
-    expected = cc_loss(module.embed_s[1](f_s.flatten(1)), module.embed_t[1](f_t), form=form, gamma=0.5, order=3)
+    expected = 0.02 * cc_loss(module.embed_s[1](f_s.flatten(1)), module.embed_t[1](f_t), form=form, gamma=0.5,
+                              order=3)  # RepDistiller's weight
     torch.testing.assert_close(loss, expected)
     loss.backward()
     for p in module.parameters():
         assert p.grad is not None and float(p.grad.norm()) > 0
     assert list(CC().parameters()) == []
-    torch.testing.assert_close(CC()(f_s.flatten(1), f_s.flatten(1) + 1), cc_loss(f_s.flatten(1), f_s.flatten(1) + 1))
+    x = f_s.detach().flatten(1)
+    torch.testing.assert_close(CC(weight=1.0)(x, x.flip(0)), cc_loss(x, x.flip(0)))
 
 
 def test_stateless_modules_match_functionals():
     s, t = randn((4, 5)), randn((4, 3), 1)
-    assert float(PKT()(s, t)) == float(pkt_loss(s, t))
-    assert float(PKT(eps=1e-3, reduction="batchmean")(s, t)) == float(pkt_loss(s, t, eps=1e-3, reduction="batchmean"))
-    assert float(SP()(s, t)) == float(sp_loss(s, t))
-    assert float(SP("matrix")([s, t], [t, s])) == float(sp_loss([s, t], [t, s], normalize="matrix"))
+    assert float(PKT()(s, t)) == float(30000 * pkt_loss(s, t))  # the authors' weights
+    assert float(PKT(1e-3, "batchmean", weight=2.0)(s, t)) == float(2 * pkt_loss(s, t, eps=1e-3, reduction="batchmean"))
+    assert float(SP()(s, t)) == float(3000 * sp_loss(s, t))
+    assert float(SP("matrix", weight=1.0)([s, t], [t, s])) == float(sp_loss([s, t], [t, s], normalize="matrix"))
     assert list(PKT().parameters()) == [] and list(SP().parameters()) == []

@@ -107,13 +107,15 @@ def cc_loss(f_s, f_t, *, form="embedding", gamma=0.4, order=2):
 
 class CC(nn.Module):
     """Correlation congruence with RepDistiller's set-up: `CC(s_dim, t_dim, feat_dim=128, form="embedding",
-    gamma=0.4, order=2)` owns two trainable linear embeddings (student s_dim -> feat_dim, teacher t_dim -> feat_dim,
-    inputs flattened to [N, -1] first, as RepDistiller's LinearEmbed); with s_dim = t_dim = None the features go
-    in as they are (a [N, D] pair).  `forward(f_s, f_t)` returns cc_loss(embed_s(f_s), embed_t(f_t), ...)."""
+    gamma=0.4, order=2, weight=0.02)` owns two trainable linear embeddings (student s_dim -> feat_dim, teacher
+    t_dim -> feat_dim, inputs flattened to [N, -1] first, as RepDistiller's LinearEmbed); with s_dim = t_dim = None
+    the features go in as they are (a [N, D] pair).  `forward(f_s, f_t)` returns
+    weight * cc_loss(embed_s(f_s), embed_t(f_t), ...); weight 0.02 is RepDistiller's `-b 0.02` for CC."""
 
-    def __init__(self, s_dim=None, t_dim=None, feat_dim=128, *, form="embedding", gamma=0.4, order=2):
+    def __init__(self, s_dim=None, t_dim=None, feat_dim=128, *, form="embedding", gamma=0.4, order=2, weight=0.02):
         super().__init__()
         _check_options(form, gamma, order)
+        self.weight = check_number(weight, "weight", 0.0, math.inf)
         if (s_dim is None) != (t_dim is None):
             raise ValueError("s_dim and t_dim must both be given (trainable embeddings) or both be None")
         self.embed_s = nn.Identity() if s_dim is None else nn.Sequential(nn.Flatten(), nn.Linear(s_dim, feat_dim))
@@ -121,4 +123,4 @@ class CC(nn.Module):
         self.form, self.gamma, self.order = form, gamma, order
 
     def forward(self, f_s, f_t):
-        return cc_loss(self.embed_s(f_s), self.embed_t(f_t), form=self.form, gamma=self.gamma, order=self.order)
+        return self.weight * cc_loss(self.embed_s(f_s), self.embed_t(f_t), form=self.form, gamma=self.gamma, order=self.order)

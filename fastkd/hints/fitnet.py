@@ -13,16 +13,19 @@ Regressor (`ConvReg`, as in both repositories), chosen from the student and teac
   Hs >= Ht otherwise: a (1 + Hs - Ht) x (1 + Ws - Wt) convolution, no padding;
 then BatchNorm2d over the teacher's channels and a ReLU.  Variant, by the named argument `use_relu=False`: BN
 without the ReLU (RepDistiller's Connector uses ConvReg that way), for teacher hints that can be negative.
-The authors' scripts weight the hint loss by 100 (RepDistiller `-b 100`, mdistiller FITNET.LOSS.FEAT_WEIGHT 100);
-the module returns the unweighted loss: multiply it yourself.
+The module `FitNet(s_shape, t_shape, use_relu=True, weight=100.0)` returns weight * the hint loss, with the
+authors' weight (mdistiller FITNET.LOSS.FEAT_WEIGHT 100, RepDistiller `-b 100`); the functional is unweighted.
 
 Eager by design: the loss is a single elementwise pass (torch's mse_loss reads each input once; its backward is one
 more pass), so a fused kernel has nothing to save; the regressor's cost is a cuDNN convolution.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_number
 from ._checks import check_pair, stages
 
 RANKS = (2, 3, 4)
@@ -99,12 +102,14 @@ def _is_shape(x):
 
 
 class FitNet(nn.Module):
-    """FitNet hints with the authors' regressor: `FitNet(s_shape, t_shape, use_relu=True)` owns one ConvReg per
-    stage (s_shape, t_shape: [N, C, H, W] shapes, or equally long lists of them); `forward(f_s, f_t)` returns
-    fitnet_loss(ConvReg(f_s), f_t), summed over stages.  The regressors train with the student."""
+    """FitNet hints with the authors' regressor and weight: `FitNet(s_shape, t_shape, use_relu=True, weight=100.0)`
+    owns one ConvReg per stage (s_shape, t_shape: [N, C, H, W] shapes, or equally long lists of them);
+    `forward(f_s, f_t)` returns weight * fitnet_loss(ConvReg(f_s), f_t), summed over stages.  The regressors train
+    with the student."""
 
-    def __init__(self, s_shape, t_shape, use_relu=True):
+    def __init__(self, s_shape, t_shape, use_relu=True, weight=100.0):
         super().__init__()
+        self.weight = check_number(weight, "weight", 0.0, math.inf)
         single = _is_shape(s_shape), _is_shape(t_shape)
         if single[0] != single[1]:
             raise TypeError("s_shape and t_shape must both be shapes or both be lists of shapes")
@@ -122,4 +127,4 @@ class FitNet(nn.Module):
             check_pair(s, t, ranks=(4,))
             if s.shape[1] != reg.conv.in_channels:
                 raise ValueError(f"f_s must have the {reg.conv.in_channels} channels of s_shape, got {tuple(s.shape)}")
-        return fitnet_loss([reg(s) for reg, s in zip(self.regressors, s_list)], t_list)
+        return self.weight * fitnet_loss([reg(s) for reg, s in zip(self.regressors, s_list)], t_list)

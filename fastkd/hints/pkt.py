@@ -7,7 +7,8 @@ pooled features in both repositories; student and teacher dims may differ):
     u_i = f_i / (||f_i|| + eps)   (NaN entries set to 0, as the code does; eps = 1e-7)
     P_ij = (u_i . u_j + 1) / 2,   q_{j|i} = P_ij / sum_j P_ij        (cosine kernel, scaled to [0, 1])
     loss = mean_{i,j} q^t_{j|i} * log((q^t_{j|i} + eps) / (q^s_{j|i} + eps))
-The authors' scripts weight it by 30000 (RepDistiller `-b 30000`, mdistiller PKT.LOSS.FEAT_WEIGHT 30000).
+The module `PKT` multiplies it by the authors' weight, 30000 (RepDistiller `-b 30000`, mdistiller
+PKT.LOSS.FEAT_WEIGHT 30000); the functional is unweighted.
 Variant, `reduction="batchmean"`: the sum over j divided by N only, i.e. the mean over samples of the KL
 divergence of each sample's conditional distribution, as the paper writes it; it is N times the default
 `reduction="mean"` (the code's mean over the N x N entries), so its scale does not shrink with the batch size.
@@ -93,13 +94,14 @@ def pkt_loss(f_s, f_t, *, eps=1e-7, reduction="mean"):
 
 
 class PKT(nn.Module):
-    """PKT with the authors' defaults: `PKT(eps=1e-7, reduction="mean")`; `forward(f_s, f_t)` = pkt_loss.
-    No trainable state (the methods' repositories apply it to the penultimate features directly)."""
+    """PKT with the authors' defaults: `PKT(eps=1e-7, reduction="mean", weight=30000.0)`; `forward(f_s, f_t)` =
+    weight * pkt_loss.  No trainable state (the repositories apply it to the penultimate features directly)."""
 
-    def __init__(self, eps=1e-7, reduction="mean"):
+    def __init__(self, eps=1e-7, reduction="mean", weight=30000.0):
         super().__init__()
         _check_options(eps, reduction)
+        self.weight = check_number(weight, "weight", 0.0, math.inf)
         self.eps, self.reduction = eps, reduction
 
     def forward(self, f_s, f_t):
-        return pkt_loss(f_s, f_t, eps=self.eps, reduction=self.reduction)
+        return self.weight * pkt_loss(f_s, f_t, eps=self.eps, reduction=self.reduction)

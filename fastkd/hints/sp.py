@@ -6,7 +6,7 @@ mdistiller (distillers/SP.py `sp_loss`), which agree.  Per stage, with Q the fea
     loss = ||G_t - G_s||_F^2 / N^2,
 summed over the stages of a list.  Student and teacher may differ in every dim but the batch.  The authors' scripts
 apply it to one stage (the last block's output) with weight 3000 (RepDistiller `-b 3000`, mdistiller
-SP.LOSS.FEAT_WEIGHT 3000).
+SP.LOSS.FEAT_WEIGHT 3000): the module's default weight; the functional is unweighted.
 Variant, `normalize="matrix"`: G divided by its Frobenius norm (clamped at 1e-12) instead of row by row: the
 form RepDistiller's code kept commented out (`G_s / G_s.norm(2)`).
 
@@ -14,10 +14,13 @@ Eager by design: the cost is the [N, CHW] x [CHW, N] GEMM per stage (cuBLAS), re
 rest is O(N^2) work on the Gram matrices: no fused kernel could beat that.  A channels_last map is flattened in
 its memory order (G does not depend on the order of the columns), so no copy is made.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_number
 from ._checks import check_pair, stages
 
 NORMALIZE = ("row", "matrix")
@@ -72,12 +75,14 @@ def sp_loss(f_s, f_t, *, normalize="row"):
 
 
 class SP(nn.Module):
-    """SP with the authors' defaults: `SP(normalize="row")`; `forward(f_s, f_t)` = sp_loss.  No trainable state."""
+    """SP with the authors' defaults: `SP(normalize="row", weight=3000.0)`; `forward(f_s, f_t)` = weight * sp_loss.
+    No trainable state."""
 
-    def __init__(self, normalize="row"):
+    def __init__(self, normalize="row", weight=3000.0):
         super().__init__()
         _check_options(normalize)
+        self.weight = check_number(weight, "weight", 0.0, math.inf)
         self.normalize = normalize
 
     def forward(self, f_s, f_t):
-        return sp_loss(f_s, f_t, normalize=self.normalize)
+        return self.weight * sp_loss(f_s, f_t, normalize=self.normalize)
