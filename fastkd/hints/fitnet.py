@@ -17,7 +17,8 @@ The module `FitNet(s_shape, t_shape, use_relu=True, weight=100.0)` returns weigh
 authors' weight (mdistiller FITNET.LOSS.FEAT_WEIGHT 100, RepDistiller `-b 100`); the functional is unweighted.
 
 Eager by design: the loss is a single elementwise pass (torch's mse_loss reads each input once; its backward is one
-more pass), so a fused kernel has nothing to save; the regressor's cost is a cuDNN convolution.
+more pass), so no fused kernel could win there; the regressor's cost is a cuDNN convolution.  16-bit inputs are
+upcast to fp32 first (a copy: the price of an fp32-accurate loss).
 """
 import math
 
@@ -81,8 +82,8 @@ class ConvReg(nn.Module):
             out = None
         if out != (t_h, t_w):
             raise ValueError(f"ConvReg cannot map a student map of H x W = {s_h} x {s_w} onto the teacher's "
-                             f"{t_h} x {t_w}: it handles Hs = 2 Ht (with Wt = ceil(Ws / 2)), 2 Hs = Ht (with Wt = 2 Ws), "
-                             "or Hs >= Ht and Ws >= Wt")
+                             f"{t_h} x {t_w}: it handles Hs = 2 Ht (with Wt = ceil(Ws / 2)), 2 Hs = Ht (with "
+                             "Wt = 2 Ws), or Hs >= Ht and Ws >= Wt")
         self.bn = nn.BatchNorm2d(t_c)
         self.use_relu = use_relu
 
