@@ -14,8 +14,9 @@ into the parameter gradients at once:
     dL/db  += sum_r G_c,r      (fp32 [V])
 
 and drops s_c, t_c and G_c.  The backward only scales these by the incoming gradient and casts them
-to the parameters' dtypes.  No [tokens, V] tensor exists at any time: the extra memory is the three
-gradients (the size of h, W and b) plus O(chunk_size x V) per chunk.
+to the parameters' dtypes (into fresh tensors, so a second backward with retain_graph=True works).
+No [tokens, V] tensor exists at any time: the extra memory is the three gradients (the size of h, W
+and b; twice that while the backward writes the scaled copies) plus O(chunk_size x V) per chunk.
 
 reduction='none' has per-row weights that only the backward knows (its incoming gradient): its
 forward computes the row losses chunk by chunk, and its backward runs the same loop again with those
@@ -206,12 +207,19 @@ class _LinearDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.reduction == "none":
+        if ctx.reduction == "none":  # the row weights are grad_out: run the loop again with them
             _, grads = _sweep(*ctx.loop, *ctx.saved_tensors, grad_out, ctx.needs)
+            scale = None
         else:
-            grads = [g * grad_out if g is not None else None for g in ctx.saved_tensors]
-        grads = [g.to(dtype) if g is not None else None for g, dtype in zip(grads, ctx.dtypes)]
-        return (*grads, *[None] * 10)
+            grads, scale = ctx.saved_tensors, grad_out
+        return (*[_scaled(g, scale, dtype) for g, dtype in zip(grads, ctx.dtypes)], *[None] * 10)
+
+
+def _scaled(grad, scale, dtype):
+    """grad x scale in `dtype`: one op, rounded once, into a fresh tensor (None passes through)."""
+    if grad is None or scale is None:
+        return grad.to(dtype) if grad is not None else None
+    return torch.mul(grad, scale, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
 
 
 # -- argument checks --------------------------------------------------------------------------------
@@ -294,8 +302,9 @@ def linear_kl_div(student_hidden, student_weight, teacher, teacher_weight=None, 
     the [tokens, V] logits: T^2 KL(p_t || p_s) per row (reverse=True: T^2 KL(p_s || p_t)).
 
     student_hidden [..., H], student_weight [V, H] (an nn.Linear's weight), student_bias [V] or None.
-    teacher: the teacher's logits [..., V]; or, with teacher_weight [V, H_t] (and teacher_bias), its hidden
-    states [..., H_t], projected chunk by chunk too.  labels, ignore_index, reduction as in fastkd.kl_div.
+    teacher: the teacher's logits [..., V] (read a chunk of rows at a time; leading dims that cannot be
+    flattened without a copy, e.g. x[:, :-1] of a 3-D tensor, are copied once: pass them contiguous); or,
+    with teacher_weight [V, H_t] (and teacher_bias), its hidden states [..., H_t], projected chunk by chunk too.  labels, ignore_index, reduction as in fastkd.kl_div.
     chunk_size: rows per chunk; None picks one from V, the dtype and the free memory (`default_chunk_size`).
     Gradients reach student_hidden, student_weight and student_bias (fp32 accumulation, cast to their dtypes);
     the teacher is a constant.  See the module docstring for the memory and the 'none' reduction.

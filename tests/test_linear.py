@@ -190,6 +190,16 @@ def test_only_the_student_gets_gradients_and_no_grad_skips_them():
     assert not loss.requires_grad and (40, 6) not in shapes and (32, 6) not in shapes  # no gradient buffers
 
 
+def test_second_backward_gives_the_same_gradients():
+    h, w, b, t, _, _ = make((12,), 4, 20, seed=16)
+    h = leaf(h)
+    with fastkd.use_backend("reference"):
+        for reduction in ("sum", "none"):
+            loss = linear.linear_kl_div(h, w, t, chunk_size=5, reduction=reduction)
+            first, second = [torch.autograd.grad(loss.sum(), h, retain_graph=True)[0] for _ in range(2)]
+            assert torch.equal(first, second)
+
+
 def test_modules_call_the_functions():
     V = 60
     h, w, b, t, _, _ = make((2, 10), 8, V, seed=15)
