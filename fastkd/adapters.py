@@ -3,7 +3,10 @@
 `generalized_jsd_loss` matches TRL's `GKDTrainer.generalized_jsd_loss` (trl/trainer/gkd_trainer.py: the
 version with `labels`); `ForwardKLLoss` and `ForwardKLWithChunkedOutputLoss` match torchtune's
 (torchtune/modules/loss/kd_losses.py).  Same signatures, defaults and values; where they differ on
-purpose (an empty batch, masked logits, dtypes) the docstrings say so.
+purpose (an empty batch, masked logits, dtypes) the docstrings say so.  To use them:
+
+    GKDTrainer.generalized_jsd_loss = staticmethod(fastkd.adapters.generalized_jsd_loss)   # TRL
+    kd_loss: {_component_: fastkd.adapters.ForwardKLWithChunkedOutputLoss, num_output_chunks: 8}  # torchtune config
 """
 import math
 
@@ -22,8 +25,10 @@ def _trl_elementwise(student_logits, teacher_logits, beta, temperature):
     log_ps = (student_logits.to(acc) / temperature).log_softmax(-1)
     log_pt = (teacher_logits.to(acc) / temperature).log_softmax(-1)
 
-    def kl_terms(log_p, log_q):  # p (log p - log q), 0 where p = 0
-        return torch.where(log_p > -math.inf, log_p.exp() * (log_p - log_q), 0.0)
+    def kl_terms(log_p, log_q):  # p (log p - log q), 0 where p = 0 (both logs zeroed there: no NaN gradient)
+        kept = log_p > -math.inf
+        log_p, log_q = torch.where(kept, log_p, 0.0), torch.where(kept, log_q, 0.0)
+        return torch.where(kept, log_p.exp() * (log_p - log_q), 0.0)
 
     if beta == 0.0:
         return kl_terms(log_pt, log_ps)

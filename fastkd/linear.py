@@ -304,7 +304,8 @@ def linear_kl_div(student_hidden, student_weight, teacher, teacher_weight=None, 
     student_hidden [..., H], student_weight [V, H] (an nn.Linear's weight), student_bias [V] or None.
     teacher: the teacher's logits [..., V] (read a chunk of rows at a time; leading dims that cannot be
     flattened without a copy, e.g. x[:, :-1] of a 3-D tensor, are copied once: pass them contiguous); or,
-    with teacher_weight [V, H_t] (and teacher_bias), its hidden states [..., H_t], projected chunk by chunk too.  labels, ignore_index, reduction as in fastkd.kl_div.
+    with teacher_weight [V, H_t] (and teacher_bias), its hidden states [..., H_t], projected chunk by chunk too.
+    labels, ignore_index, reduction as in fastkd.kl_div.
     chunk_size: rows per chunk; None picks one from V, the dtype and the free memory (`default_chunk_size`).
     Gradients reach student_hidden, student_weight and student_bias (fp32 accumulation, cast to their dtypes);
     the teacher is a constant.  See the module docstring for the memory and the 'none' reduction.

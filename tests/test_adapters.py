@@ -167,6 +167,11 @@ def test_trl_masked_teacher_vocabulary_is_finite():
         got = adapters.generalized_jsd_loss(s, t, beta=beta)
         assert torch.isfinite(got) and rel_err(got, trl_jsd(s, t, beta=beta, zero_nan_terms=True)) <= 1e-10
         assert torch.isnan(trl_jsd(s, t, beta=beta))
+        student = leaf(s)
+        terms = adapters.generalized_jsd_loss(student, t, beta=beta, reduction="none")
+        assert rel_err(terms.detach(), trl_jsd(s, t, beta=beta, reduction="none", zero_nan_terms=True)) <= 1e-10
+        (grad,) = torch.autograd.grad(terms.sum(), student)
+        assert torch.isfinite(grad).all()
 
 
 def test_trl_argument_errors():
