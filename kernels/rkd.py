@@ -40,20 +40,21 @@ def _rows(e_ptr, rows, cols, N, D, stride_n, stride_d, ACC: tl.constexpr):
 
 
 @triton.jit
-def sqdist_kernel(e_ptr, r_ptr, N, D, stride_n, stride_d, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """R[a, b] = sum_d (e_a[d] - e_b[d])^2 in fp64 (the differences of fp32 or narrower values are exact)
-    for the tile (a-block, b-block) with a-block <= b-block, stored at [a, b] and at [b, a].
-    Reads BLOCK_N rows of each block over all D; writes 2 tiles of R."""
+def sqdist_kernel(e_ptr, r_ptr, N, D, stride_n, stride_d,
+                  ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """R[a, b] = sum_d (e_a[d] - e_b[d])^2 in ACC (the launcher's is fp64: the differences of fp32 or
+    narrower values are then exact) for the tile (a-block, b-block) with a-block <= b-block, stored at
+    [a, b] and at [b, a].  Reads BLOCK_N rows of each block over all D; writes 2 tiles of R."""
     pa = tl.program_id(0)
     pb = tl.program_id(1)
     if pa <= pb:
         a = pa * BLOCK_N + tl.arange(0, BLOCK_N)
         b = pb * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_N, BLOCK_N), tl.float64)
+        acc = tl.zeros((BLOCK_N, BLOCK_N), ACC)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
-            diff = (_rows(e_ptr, a, d, N, D, stride_n, stride_d, tl.float64)[:, None, :]
-                    - _rows(e_ptr, b, d, N, D, stride_n, stride_d, tl.float64)[None, :, :])
+            diff = (_rows(e_ptr, a, d, N, D, stride_n, stride_d, ACC)[:, None, :]
+                    - _rows(e_ptr, b, d, N, D, stride_n, stride_d, ACC)[None, :, :])
             acc += tl.sum(diff * diff, 2)
         mask = (a < N)[:, None] & (b < N)[None, :]
         a64 = a.to(tl.int64)
@@ -167,7 +168,7 @@ def angle_backward_kernel(rs_ptr, rt_ptr, grad_loss_ptr, gs_ptr, gt_ptr, N, inv_
     Both anchors' cosines come from the same three tiles R[x, y], R[x, z], R[y, z]."""
     x = tl.program_id(0) * BLOCK_XY + tl.arange(0, BLOCK_XY)
     y = tl.program_id(1) * BLOCK_XY + tl.arange(0, BLOCK_XY)
-    w = tl.load(grad_loss_ptr).to(ACC) * inv_count
+    w = tl.load(grad_loss_ptr).to(ACC) * tl.full((), inv_count, ACC)
     rs_xy = _r_tile(rs_ptr, x, y, N)
     rt_xy = _r_tile(rt_ptr, x, y, N)
     rho_s = _rho(rs_xy, ACC)[:, :, None]
@@ -198,8 +199,8 @@ def sqdist(e):
     N, D = e.shape
     r = torch.empty(N, N, dtype=torch.float64, device=e.device)
     blocks = triton.cdiv(N, SQDIST_BLOCK_N)
-    sqdist_kernel[(blocks, blocks)](e, r, N, D, e.stride(0), e.stride(1), SQDIST_BLOCK_N, SQDIST_BLOCK_D,
-                                    num_warps=SQDIST_WARPS)
+    sqdist_kernel[(blocks, blocks)](e, r, N, D, e.stride(0), e.stride(1), tl.float64, SQDIST_BLOCK_N,
+                                    SQDIST_BLOCK_D, num_warps=SQDIST_WARPS)
     return r
 
 

@@ -15,6 +15,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(__file__))
 from fastkd import kernels  # noqa: E402
 from triton_tools import compile_report  # noqa: E402
+from fastkd.kernels import crd as crd_kernels, rkd as rkd_kernels  # noqa: E402  (imported lazily by fastkd)
 
 V = 131072
 ARCHS = (90, 80)
@@ -118,6 +119,42 @@ CASES = {
         kernels.softmax.softmax_backward_kernel,
         {"y_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16", **ROW, **_strides("stride_dy")},
         {"LOG": True, "UNIT_DY": True},
+    ),
+    "rkd_sqdist": (
+        rkd_kernels.sqdist_kernel,
+        {"e_ptr": "*bf16", "r_ptr": "*fp64", "N": "i32", "D": "i32", **_strides("stride_n"), "stride_d": "constexpr"},
+        {"ACC": tl.float64, "stride_d": 1, "BLOCK_N": rkd_kernels.SQDIST_BLOCK_N, "BLOCK_D": rkd_kernels.SQDIST_BLOCK_D},
+        {"num_warps": rkd_kernels.SQDIST_WARPS},
+    ),
+    "rkd_sqdist_backward": (
+        rkd_kernels.sqdist_backward_kernel,
+        {"e_ptr": "*bf16", "g_ptr": "*fp64", "de_ptr": "*bf16", "N": "i32", "D": "i32", **_strides("stride_n"),
+         "stride_d": "constexpr"},
+        {"stride_d": 1, "BLOCK_N": rkd_kernels.SQDIST_BLOCK_N, "BLOCK_D": rkd_kernels.SQDIST_BLOCK_D},
+        {"num_warps": rkd_kernels.SQDIST_WARPS},
+    ),
+    "rkd_angle_forward": (
+        rkd_kernels.angle_forward_kernel,
+        {"rs_ptr": "*fp64", "rt_ptr": "*fp64", "partial_ptr": "*fp32", "N": "i32"},
+        {"BLOCK_XY": rkd_kernels.ANGLE_BLOCK_XY, "BLOCK_Z": rkd_kernels.ANGLE_BLOCK_Z},
+        {"num_warps": rkd_kernels.ANGLE_WARPS},
+    ),
+    "rkd_angle_backward": (
+        rkd_kernels.angle_backward_kernel,
+        {"rs_ptr": "*fp64", "rt_ptr": "*fp64", "grad_loss_ptr": "*fp32", "gs_ptr": "*fp64", "gt_ptr": "*fp64",
+         "N": "i32", "inv_count": "fp64"},
+        {"GRAD_S": True, "GRAD_T": True, "BLOCK_XY": rkd_kernels.ANGLE_BLOCK_XY, "BLOCK_Z": rkd_kernels.ANGLE_BLOCK_Z},
+        {"num_warps": rkd_kernels.ANGLE_WARPS},
+    ),
+    "crd_nce": (
+        crd_kernels.crd_nce_kernel,
+        {"v_ptr": "*bf16", "bank_ptr": "*fp32", "idx_ptr": "*i64", "z_ptr": "*fp32", "loss_ptr": "*fp32",
+         "grad_ptr": "*fp32", "K1": "i32", "D": "i32", "n_bank": "i32", "chunk": "i32",
+         **_strides("stride_v", "stride_bank", "stride_idx"), "stride_vd": "constexpr", "stride_bankd": "constexpr",
+         "stride_idxk": "constexpr", "inv_t": "fp64", "m_pn": "fp64", "inv_m_pn": "fp64"},
+        {"stride_vd": 1, "stride_bankd": 1, "stride_idxk": 1, "EXP_SUM": False, "GRAD": True, "BLOCK_K": 32,
+         "BLOCK_D": 128, "EVEN_D": True},  # feat_dim 128: 32 rows of 128 per tile
+        {"num_warps": 4},
     ),
 }
 
