@@ -95,7 +95,7 @@ def at_map_kernel(
 
 @triton.jit
 def at_map_grad_kernel(
-    f_ptr, dq_ptr, df_ptr, C, L, stride_n, stride_c, stride_l, grad_stride_n, grad_stride_c, grad_stride_l,
+    f_ptr, dq_ptr, df_ptr, C, L, stride_n, stride_c, stride_l, stride_gn, stride_gc, stride_gl,
     p: tl.float64, scale: tl.float64,
     POWER: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -107,13 +107,13 @@ def at_map_grad_kernel(
     p_acc = tl.full((), p, ACC)
     dq = tl.load(dq_ptr + n * L + cols, mask=col_ok, other=0.0) * tl.full((), scale, ACC)
     base = f_ptr + n * stride_n
-    out = df_ptr + n * grad_stride_n
+    out = df_ptr + n * stride_gn
     for c0 in range(0, C, BLOCK_C):
         chans = c0 + tl.arange(0, BLOCK_C)
         mask = (chans < C)[:, None] & col_ok[None, :]
         x = tl.load(base + _tile_offsets(chans, cols, stride_c, stride_l), mask=mask, other=0.0).to(ACC)
         df = dq[None, :] * power_grad(x, p_acc, POWER)
-        tl.store(out + _tile_offsets(chans, cols, grad_stride_c, grad_stride_l), df.to(df_ptr.dtype.element_ty),
+        tl.store(out + _tile_offsets(chans, cols, stride_gc, stride_gl), df.to(df_ptr.dtype.element_ty),
                  mask=mask)
 
 

@@ -11,13 +11,17 @@ The 21 windows of levels 4, 2, 1 live in 32 slots per channel: level 4 at i*4 + 
 level 1 at 20.  The levels present (l < H) are always a suffix of the slots, starting at FIRST_SLOT
 (0, 16, 20; 21: none); saved pooled means are the slots from FIRST_SLOT on.
 
+Window sums are matrix products with the 0/1 membership of positions in the slots' windows: a tile's
+column-window sums of every row are d [BLOCK_C * BLOCK_H, BLOCK_W] @ in_col [BLOCK_W, SLOTS], then summed over
+the rows in each slot's row window; the backward's pooled term is (coef * in_row) [BLOCK_C * BLOCK_H, SLOTS]
+@ in_col^T.  Dots: ieee for fp32/fp64 inputs, tf32x3 (about fp32 accuracy; the 0/1 operand is exact) for 16-bit.
+
 Kernels, per (sample n, block of channels), whole planes (tiles of [BLOCK_C, BLOCK_H, BLOCK_W], looping):
   hcl_forward_kernel   reads f_s and f_t once; writes the program's partial loss and, if SAVE, the pooled
                        means P (fp32, [N, C, 21 - FIRST_SLOT])
   hcl_backward_kernel  reads P (or, if not SAVE, recomputes it in a first pass over f_s and f_t), then reads
                        f_s and f_t once more and writes
-                           dL/df_s = -dL/df_t = 2 g (w0 d + sum over windows k holding the element of w_l P_k / |k|)
-                       the window sum separable: per level and column window j, a per-row coefficient.
+                           dL/df_s = -dL/df_t = 2 g (w0 d + sum over the windows k holding the element of w_l P_k / |k|)
 In-sample offsets are int32 (the launcher checks the span), the sample offset int64.
 """
 import torch
@@ -33,89 +37,95 @@ TILE = 2048
 
 
 @triton.jit
-def _bounds(i, size, LEVEL: tl.constexpr):
-    """adaptive_avg_pool's window i of `size` positions split into LEVEL: [floor(i size / l), ceil((i+1) size / l))."""
-    return (i * size) // LEVEL, ((i + 1) * size + LEVEL - 1) // LEVEL
-
-
-@triton.jit
-def _level_weights(inv_size, weight, H, W, w, LEVEL: tl.constexpr, BASE: tl.constexpr):
+def _windows(H, W, w4, w2, w1, FIRST_SLOT: tl.constexpr, ACC: tl.constexpr):
+    """Window slots [SLOTS]: row bounds r0, r1, column bounds c0, c1, 1 / |window| and the weight w_l (these two
+    0 where the slot holds no window).  adaptive_avg_pool's window i of level l spans [floor(i H / l),
+    ceil((i + 1) H / l))."""
     k = tl.arange(0, SLOTS)
-    for i in tl.static_range(LEVEL):
-        r0, r1 = _bounds(i, H, LEVEL)
-        for j in tl.static_range(LEVEL):
-            c0, c1 = _bounds(j, W, LEVEL)
-            here = k == BASE + i * LEVEL + j
-            inv_size = tl.where(here, 1.0 / ((r1 - r0) * (c1 - c0)).to(inv_size.dtype), inv_size)
-            weight = tl.where(here, w, weight)
-    return inv_size, weight
+    level = tl.where(k < 16, 4, tl.where(k < 20, 2, 1))
+    local = k - tl.where(k < 16, 0, tl.where(k < 20, 16, 20))
+    i = local // level
+    j = local % level
+    r0 = (i * H) // level
+    r1 = ((i + 1) * H + level - 1) // level
+    c0 = (j * W) // level
+    c1 = ((j + 1) * W + level - 1) // level
+    present = (k >= FIRST_SLOT) & (k < 21)
+    w = tl.where(k < 16, tl.full((), w4, ACC), tl.where(k < 20, tl.full((), w2, ACC), tl.full((), w1, ACC)))
+    weight = tl.where(present, w, 0.0)
+    inv_size = tl.where(present, 1.0 / tl.maximum((r1 - r0) * (c1 - c0), 1).to(ACC), 0.0)
+    return r0, r1, c0, c1, inv_size, weight
 
 
 @triton.jit
-def _window_weights(H, W, w4, w2, w1, FIRST_SLOT: tl.constexpr, ACC: tl.constexpr):
-    """Per slot: (1 / |window|, w_l) for the windows present, 0 elsewhere ([SLOTS] each)."""
-    inv_size = tl.zeros((SLOTS,), ACC)
-    weight = tl.zeros((SLOTS,), ACC)
-    if FIRST_SLOT <= 0:
-        inv_size, weight = _level_weights(inv_size, weight, H, W, tl.full((), w4, ACC), 4, 0)
-    if FIRST_SLOT <= 16:
-        inv_size, weight = _level_weights(inv_size, weight, H, W, tl.full((), w2, ACC), 2, 16)
-    if FIRST_SLOT <= 20:
-        inv_size, weight = _level_weights(inv_size, weight, H, W, tl.full((), w1, ACC), 1, 20)
-    return inv_size, weight
+def _tile_rows(r, chan0, h0, BLOCK_H: tl.constexpr):
+    """Channel and row of each tile row r = c_local * BLOCK_H + h_local."""
+    if BLOCK_H == 1:
+        return chan0 + r, h0 + 0 * r
+    else:
+        return chan0 + r // BLOCK_H, h0 + r % BLOCK_H
 
 
 @triton.jit
-def _diff_tile(s_base, t_base, chans, rows, cols, C, H, W, ss_c, ss_h, ss_w, st_c, st_h, st_w, ACC: tl.constexpr):
-    """d = f_s - f_t on a [BLOCK_C, BLOCK_H, BLOCK_W] tile (0 outside the map) and its mask."""
-    c3 = chans[:, None, None]
-    h3 = rows[None, :, None]
-    w3 = cols[None, None, :]
-    mask = (c3 < C) & (h3 < H) & (w3 < W)
-    s = tl.load(s_base + c3 * ss_c + h3 * ss_h + w3 * ss_w, mask=mask, other=0.0).to(ACC)
-    t = tl.load(t_base + c3 * st_c + h3 * st_h + w3 * st_w, mask=mask, other=0.0).to(ACC)
-    return s - t, mask
+def _tile_offsets(c, h, cols, stride_c, stride_h, stride_w):
+    return (c * stride_c + h * stride_h)[:, None] + cols[None, :] * stride_w
 
 
 @triton.jit
-def _add_level_sums(sums, d, rows, cols, H, W, LEVEL: tl.constexpr, BASE: tl.constexpr):
-    k = tl.arange(0, SLOTS)
-    for j in tl.static_range(LEVEL):
-        c0, c1 = _bounds(j, W, LEVEL)
-        col_sums = tl.sum(tl.where(((cols >= c0) & (cols < c1))[None, None, :], d, 0.0), 2)  # [BLOCK_C, BLOCK_H]
-        for i in tl.static_range(LEVEL):
-            r0, r1 = _bounds(i, H, LEVEL)
-            window = tl.sum(tl.where(((rows >= r0) & (rows < r1))[None, :], col_sums, 0.0), 1)  # [BLOCK_C]
-            sums += tl.where(k[None, :] == BASE + i * LEVEL + j, window[:, None], 0.0)
-    return sums
+def _diff_tile(s_base, t_base, c, h, cols, C, H, W, stride_sc, stride_sh, stride_sw, stride_tc, stride_th, stride_tw,
+               ACC: tl.constexpr):
+    """d = f_s - f_t on a [BLOCK_R, BLOCK_W] tile (rows: channel c, map row h; 0 outside the map) and its mask."""
+    mask = ((c < C) & (h < H))[:, None] & (cols < W)[None, :]
+    s = tl.load(s_base + _tile_offsets(c, h, cols, stride_sc, stride_sh, stride_sw), mask=mask, other=0.0)
+    t = tl.load(t_base + _tile_offsets(c, h, cols, stride_tc, stride_th, stride_tw), mask=mask, other=0.0)
+    return s.to(ACC) - t.to(ACC), mask
 
 
 @triton.jit
-def _plane_sums(s_base, t_base, chans, C, H, W, ss_c, ss_h, ss_w, st_c, st_h, st_w,
-                FIRST_SLOT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-                BLOCK_W: tl.constexpr):
-    """One pass over the planes of `chans`: (window sums of d [BLOCK_C, SLOTS], sum of d^2 [BLOCK_C]); the
-    column windows are summed first, then their rows (separable)."""
-    sums = tl.zeros((BLOCK_C, SLOTS), ACC)
-    squares = tl.zeros((BLOCK_C, BLOCK_H, BLOCK_W), ACC)
-    for h0 in range(0, H, BLOCK_H):
-        rows = h0 + tl.arange(0, BLOCK_H)
-        for w0 in range(0, W, BLOCK_W):
-            cols = w0 + tl.arange(0, BLOCK_W)
-            d, _ = _diff_tile(s_base, t_base, chans, rows, cols, C, H, W, ss_c, ss_h, ss_w, st_c, st_h, st_w, ACC)
-            squares += d * d
-            if FIRST_SLOT <= 0:
-                sums = _add_level_sums(sums, d, rows, cols, H, W, 4, 0)
-            if FIRST_SLOT <= 16:
-                sums = _add_level_sums(sums, d, rows, cols, H, W, 2, 16)
-            if FIRST_SLOT <= 20:
-                sums = _add_level_sums(sums, d, rows, cols, H, W, 1, 20)
-    return sums, tl.sum(tl.sum(squares, 2), 1)
+def _in_window(index, start, end):
+    """[len(index), SLOTS] membership of positions in the slots' windows (1.0 or 0.0)."""
+    return ((index[:, None] >= start[None, :]) & (index[:, None] < end[None, :])).to(tl.float32)
+
+
+@triton.jit
+def _per_channel(x, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """[BLOCK_R, SLOTS] per tile row -> [BLOCK_C, SLOTS] summed over each channel's rows."""
+    return tl.sum(tl.reshape(x, (BLOCK_C, BLOCK_H, SLOTS)), 1)
+
+
+@triton.jit
+def _per_row(x, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """[BLOCK_C, SLOTS] per channel -> [BLOCK_R, SLOTS] repeated on each channel's rows."""
+    return tl.reshape(tl.broadcast_to(x[:, None, :], (BLOCK_C, BLOCK_H, SLOTS)), (BLOCK_C * BLOCK_H, SLOTS))
+
+
+@triton.jit
+def _plane_sums(s_base, t_base, chan0, C, H, W, stride_sc, stride_sh, stride_sw, stride_tc, stride_th, stride_tw,
+                r0, r1, c0, c1, PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """One pass over the planes of channels chan0 + [0, BLOCK_C): (window sums of d [BLOCK_C, SLOTS], sum of d^2).
+    Per block of rows: column-window sums of every row (dots with the [BLOCK_W, SLOTS] membership), kept where the
+    row lies in the slot's row window."""
+    r = tl.arange(0, BLOCK_C * BLOCK_H)
+    sums = tl.zeros((BLOCK_C * BLOCK_H, SLOTS), ACC)
+    squares = tl.zeros((BLOCK_C * BLOCK_H,), ACC)
+    for h0 in tl.range(0, H, BLOCK_H, num_stages=1):  # plain loads, no copies through shared memory
+        c, h = _tile_rows(r, chan0, h0, BLOCK_H)
+        col_sums = tl.zeros((BLOCK_C * BLOCK_H, SLOTS), ACC)
+        for col0 in tl.range(0, W, BLOCK_W, num_stages=1):
+            cols = col0 + tl.arange(0, BLOCK_W)
+            d, _ = _diff_tile(s_base, t_base, c, h, cols, C, H, W, stride_sc, stride_sh, stride_sw, stride_tc,
+                              stride_th, stride_tw, ACC)
+            squares += tl.sum(d * d, 1)
+            col_sums = tl.dot(d, _in_window(cols, c0, c1).to(ACC), col_sums, input_precision=PRECISION,
+                              out_dtype=ACC)
+        sums += col_sums * _in_window(h, r0, r1).to(ACC)
+    return _per_channel(sums, BLOCK_C, BLOCK_H), tl.sum(squares, 0)
 
 
 @triton.jit
 def _saved_slots(pooled_ptr, n, chans, C, FIRST_SLOT: tl.constexpr):
-    """Pointers [BLOCK_C, SLOTS] into the saved means [N, C, 21 - FIRST_SLOT] and their mask."""
+    """Pointers [len(chans), SLOTS] into the saved means [N, C, 21 - FIRST_SLOT] and their mask."""
     k = tl.arange(0, SLOTS)
     ptrs = pooled_ptr + (n * C + chans[:, None]) * (21 - FIRST_SLOT) + (k[None, :] - FIRST_SLOT)
     return ptrs, (chans < C)[:, None] & (k >= FIRST_SLOT)[None, :] & (k < 21)[None, :]
@@ -124,90 +134,70 @@ def _saved_slots(pooled_ptr, n, chans, C, FIRST_SLOT: tl.constexpr):
 @triton.jit
 def hcl_forward_kernel(
     s_ptr, t_ptr, partial_ptr, pooled_ptr, C, H, W,
-    ss_n, ss_c, ss_h, ss_w, st_n, st_c, st_h, st_w,
+    stride_sn, stride_sc, stride_sh, stride_sw, stride_tn, stride_tc, stride_th, stride_tw,
     w0: tl.float64, w4: tl.float64, w2: tl.float64, w1: tl.float64,
-    FIRST_SLOT: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr,
+    FIRST_SLOT: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """Per (sample n, block of channels): reads those planes of f_s and f_t once; writes partial[n, block] =
     w0 sum d^2 + sum_k w_l P_k^2 and, if SAVE, pooled[n, c, k - FIRST_SLOT] = P_k (the window means of d)."""
     n = tl.program_id(0).to(tl.int64)
-    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    sums, squares = _plane_sums(s_ptr + n * ss_n, t_ptr + n * st_n, chans, C, H, W, ss_c, ss_h, ss_w,
-                                st_c, st_h, st_w, FIRST_SLOT, ACC, BLOCK_C, BLOCK_H, BLOCK_W)
-    inv_size, weight = _window_weights(H, W, w4, w2, w1, FIRST_SLOT, ACC)
+    chan0 = tl.program_id(1) * BLOCK_C
+    r0, r1, c0, c1, inv_size, weight = _windows(H, W, w4, w2, w1, FIRST_SLOT, ACC)
+    sums, squares = _plane_sums(s_ptr + n * stride_sn, t_ptr + n * stride_tn, chan0, C, H, W, stride_sc, stride_sh,
+                                stride_sw, stride_tc, stride_th, stride_tw, r0, r1, c0, c1, PRECISION, ACC, BLOCK_C,
+                                BLOCK_H, BLOCK_W)
     means = sums * inv_size[None, :]
-    partial = tl.sum(tl.full((), w0, ACC) * squares + tl.sum(means * means * weight[None, :], 1), 0)
+    partial = tl.full((), w0, ACC) * squares + tl.sum(tl.sum(means * means * weight[None, :], 1), 0)
     tl.store(partial_ptr + n * tl.num_programs(1) + tl.program_id(1), partial)
     if SAVE:
-        ptrs, mask = _saved_slots(pooled_ptr, n, chans, C, FIRST_SLOT)
-        tl.store(ptrs, means, mask=mask)
-
-
-@triton.jit
-def _add_level_grad(grad, coef, rows, cols, H, W, LEVEL: tl.constexpr, BASE: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
-    """grad += coef[window] over the windows of a level holding each element (per column window, a row coefficient)."""
-    k = tl.arange(0, SLOTS)
-    for j in tl.static_range(LEVEL):
-        c0, c1 = _bounds(j, W, LEVEL)
-        row_coef = tl.zeros((BLOCK_C, BLOCK_H), ACC)
-        for i in tl.static_range(LEVEL):
-            r0, r1 = _bounds(i, H, LEVEL)
-            window = tl.sum(tl.where(k[None, :] == BASE + i * LEVEL + j, coef, 0.0), 1)  # [BLOCK_C]
-            row_coef += tl.where(((rows >= r0) & (rows < r1))[None, :], window[:, None], 0.0)
-        grad += tl.where(((cols >= c0) & (cols < c1))[None, None, :], row_coef[:, :, None], 0.0)
-    return grad
+        ptrs, saved_ok = _saved_slots(pooled_ptr, n, chan0 + tl.arange(0, BLOCK_C), C, FIRST_SLOT)
+        tl.store(ptrs, means, mask=saved_ok)
 
 
 @triton.jit
 def hcl_backward_kernel(
     s_ptr, t_ptr, pooled_ptr, grad_loss_ptr, gs_ptr, gt_ptr, C, H, W,
-    ss_n, ss_c, ss_h, ss_w, st_n, st_c, st_h, st_w, gs_n, gs_c, gs_h, gs_w, gt_n, gt_c, gt_h, gt_w,
+    stride_sn, stride_sc, stride_sh, stride_sw, stride_tn, stride_tc, stride_th, stride_tw,
+    stride_gsn, stride_gsc, stride_gsh, stride_gsw, stride_gtn, stride_gtc, stride_gth, stride_gtw,
     w0: tl.float64, w4: tl.float64, w2: tl.float64, w1: tl.float64,
-    FIRST_SLOT: tl.constexpr, SAVED: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    FIRST_SLOT: tl.constexpr, SAVED: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """Per (sample n, block of channels): reads the pooled means (SAVED) or recomputes them (one more read of the
     planes), then reads f_s and f_t once and writes dL/df_s and/or dL/df_t = -dL/df_s (module docstring)."""
     n = tl.program_id(0).to(tl.int64)
-    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    s_base = s_ptr + n * ss_n
-    t_base = t_ptr + n * st_n
-    inv_size, weight = _window_weights(H, W, w4, w2, w1, FIRST_SLOT, ACC)
-    means = tl.zeros((BLOCK_C, SLOTS), ACC)
+    chan0 = tl.program_id(1) * BLOCK_C
+    s_base = s_ptr + n * stride_sn
+    t_base = t_ptr + n * stride_tn
+    r = tl.arange(0, BLOCK_C * BLOCK_H)
+    r0, r1, c0, c1, inv_size, weight = _windows(H, W, w4, w2, w1, FIRST_SLOT, ACC)
+    # an element's share of window k's gradient, w_l P_k / |k|, on every tile row of the channel
+    coef = tl.zeros((BLOCK_C * BLOCK_H, SLOTS), ACC)
     if SAVED:
-        ptrs, mask = _saved_slots(pooled_ptr, n, chans, C, FIRST_SLOT)
-        means = tl.load(ptrs, mask=mask, other=0.0)
+        ptrs, saved_ok = _saved_slots(pooled_ptr, n, _tile_rows(r, chan0, 0, BLOCK_H)[0], C, FIRST_SLOT)
+        coef = tl.load(ptrs, mask=saved_ok, other=0.0) * (weight * inv_size)[None, :]
     elif FIRST_SLOT < 21:  # levels present, means not saved
-        sums, _ = _plane_sums(s_base, t_base, chans, C, H, W, ss_c, ss_h, ss_w, st_c, st_h, st_w, FIRST_SLOT, ACC,
-                              BLOCK_C, BLOCK_H, BLOCK_W)
-        means = sums * inv_size[None, :]
-    coef = means * (weight * inv_size)[None, :]  # an element's share: w_l P_k / |k|
+        sums, _ = _plane_sums(s_base, t_base, chan0, C, H, W, stride_sc, stride_sh, stride_sw, stride_tc, stride_th,
+                              stride_tw, r0, r1, c0, c1, PRECISION, ACC, BLOCK_C, BLOCK_H, BLOCK_W)
+        coef = _per_row(sums * (weight * inv_size * inv_size)[None, :], BLOCK_C, BLOCK_H)
     g2 = 2.0 * tl.load(grad_loss_ptr).to(ACC)
-    for h0 in range(0, H, BLOCK_H):
-        rows = h0 + tl.arange(0, BLOCK_H)
-        for c0 in range(0, W, BLOCK_W):
-            cols = c0 + tl.arange(0, BLOCK_W)
-            d, mask = _diff_tile(s_base, t_base, chans, rows, cols, C, H, W, ss_c, ss_h, ss_w, st_c, st_h, st_w, ACC)
-            grad = tl.full((), w0, ACC) * d
-            if FIRST_SLOT <= 0:
-                grad = _add_level_grad(grad, coef, rows, cols, H, W, 4, 0, ACC, BLOCK_C, BLOCK_H)
-            if FIRST_SLOT <= 16:
-                grad = _add_level_grad(grad, coef, rows, cols, H, W, 2, 16, ACC, BLOCK_C, BLOCK_H)
-            if FIRST_SLOT <= 20:
-                grad = _add_level_grad(grad, coef, rows, cols, H, W, 1, 20, ACC, BLOCK_C, BLOCK_H)
-            grad *= g2
-            c3 = chans[:, None, None]
-            h3 = rows[None, :, None]
-            w3 = cols[None, None, :]
+    for h0 in tl.range(0, H, BLOCK_H, num_stages=1):  # plain loads, no copies through shared memory
+        c, h = _tile_rows(r, chan0, h0, BLOCK_H)
+        row_coef = coef * _in_window(h, r0, r1).to(ACC)  # the windows holding the row
+        for col0 in tl.range(0, W, BLOCK_W, num_stages=1):
+            cols = col0 + tl.arange(0, BLOCK_W)
+            d, mask = _diff_tile(s_base, t_base, c, h, cols, C, H, W, stride_sc, stride_sh, stride_sw, stride_tc,
+                                 stride_th, stride_tw, ACC)
+            in_col_t = ((cols[None, :] >= c0[:, None]) & (cols[None, :] < c1[:, None])).to(ACC)  # [SLOTS, BLOCK_W]
+            grad = g2 * (tl.full((), w0, ACC) * d + tl.dot(row_coef, in_col_t, input_precision=PRECISION,
+                                                            out_dtype=ACC))
             if GRAD_S:
-                tl.store(gs_ptr + n * gs_n + c3 * gs_c + h3 * gs_h + w3 * gs_w, grad.to(gs_ptr.dtype.element_ty),
-                         mask=mask)
+                tl.store(gs_ptr + n * stride_gsn + _tile_offsets(c, h, cols, stride_gsc, stride_gsh, stride_gsw),
+                         grad.to(gs_ptr.dtype.element_ty), mask=mask)
             if GRAD_T:
-                tl.store(gt_ptr + n * gt_n + c3 * gt_c + h3 * gt_h + w3 * gt_w, (-grad).to(gt_ptr.dtype.element_ty),
-                         mask=mask)
-
+                tl.store(gt_ptr + n * stride_gtn + _tile_offsets(c, h, cols, stride_gtc, stride_gth, stride_gtw),
+                         (-grad).to(gt_ptr.dtype.element_ty), mask=mask)
 
 def first_slot(H):
     """The first window slot present: ReviewKD pools to l x l for l in (4, 2, 1) with l < H."""
@@ -226,16 +216,17 @@ def hcl_weights(N, C, H, W):
 
 
 def _blocks(C, H, W, channels_minor):
-    """(BLOCK_C, BLOCK_H, BLOCK_W) of about TILE elements: whole rows first, or 32 channels for channels_last."""
+    """(BLOCK_C, BLOCK_H, BLOCK_W): tiles of BLOCK_C * BLOCK_H map rows (>= 16, the window dots' minimum) by
+    BLOCK_W >= 16 columns, about TILE elements; channels_last maps take one map row of 16 to 64 channels."""
     np2 = triton.next_power_of_2
     if channels_minor:
-        block_c = min(np2(C), 32)
-        block_w = min(np2(W), max(1, TILE // block_c))
-        block_h = min(np2(H), max(1, TILE // (block_c * block_w)))
-    else:
-        block_w = min(np2(W), 64)
-        block_h = min(np2(H), max(1, TILE // block_w))
-        block_c = min(np2(C), max(1, TILE // (block_h * block_w)))
+        block_c = min(max(np2(C), 16), 64)
+        return block_c, 1, min(max(np2(W), 16), TILE // block_c)
+    block_w = min(max(np2(W), 16), 64)
+    block_h = min(np2(H), TILE // block_w)
+    block_c = min(np2(C), TILE // (block_h * block_w))
+    while block_c * block_h < 16:
+        block_h *= 2
     return block_c, block_h, block_w
 
 
@@ -244,8 +235,9 @@ def _launch_config(f_s, f_t):
     check_span(f_s)
     check_span(f_t)
     block_c, block_h, block_w = _blocks(C, H, W, f_s.stride(1) == 1 and C > 1)
-    meta = dict(FIRST_SLOT=first_slot(H), ACC=tl_acc_dtype(f_s.dtype, f_t.dtype), BLOCK_C=block_c, BLOCK_H=block_h,
-                BLOCK_W=block_w, num_warps=4)
+    exact = any(x.dtype in (torch.float32, torch.float64) for x in (f_s, f_t))
+    meta = dict(FIRST_SLOT=first_slot(H), PRECISION="ieee" if exact else "tf32x3",
+                ACC=tl_acc_dtype(f_s.dtype, f_t.dtype), BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4)
     return (N, triton.cdiv(C, block_c)), meta
 
 

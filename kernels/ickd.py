@@ -32,7 +32,7 @@ N_COEF = tl.constexpr(3)  # per row: a_s, a_t, b
 
 
 @triton.jit
-def _gram_tiles(s_base, t_base, rows, cols, C, L, ss_c, ss_l, st_c, st_l,
+def _gram_tiles(s_base, t_base, rows, cols, C, L, stride_sc, stride_sl, stride_tc, stride_tl,
                 PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """(G_s[rows, cols], G_t[rows, cols]) of one sample: sum over the L positions of F[rows] F[cols]."""
     x = tl.zeros((BLOCK_M, BLOCK_M), ACC)
@@ -43,31 +43,37 @@ def _gram_tiles(s_base, t_base, rows, cols, C, L, ss_c, ss_l, st_c, st_l,
         ks = k0 + tl.arange(0, BLOCK_K)
         k_row = (ks < L)[None, :]
         k_col = (ks < L)[:, None]
-        a = tl.load(s_base + rows[:, None] * ss_c + ks[None, :] * ss_l, mask=row_ok & k_row, other=0.0).to(ACC)
-        b = tl.load(s_base + cols[None, :] * ss_c + ks[:, None] * ss_l, mask=col_ok & k_col, other=0.0).to(ACC)
+        a = tl.load(s_base + rows[:, None] * stride_sc + ks[None, :] * stride_sl, mask=row_ok & k_row,
+                    other=0.0).to(ACC)
+        b = tl.load(s_base + cols[None, :] * stride_sc + ks[:, None] * stride_sl, mask=col_ok & k_col,
+                    other=0.0).to(ACC)
         x = tl.dot(a, b, x, input_precision=PRECISION, out_dtype=ACC)
-        a = tl.load(t_base + rows[:, None] * st_c + ks[None, :] * st_l, mask=row_ok & k_row, other=0.0).to(ACC)
-        b = tl.load(t_base + cols[None, :] * st_c + ks[:, None] * st_l, mask=col_ok & k_col, other=0.0).to(ACC)
+        a = tl.load(t_base + rows[:, None] * stride_tc + ks[None, :] * stride_tl, mask=row_ok & k_row,
+                    other=0.0).to(ACC)
+        b = tl.load(t_base + cols[None, :] * stride_tc + ks[:, None] * stride_tl, mask=col_ok & k_col,
+                    other=0.0).to(ACC)
         y = tl.dot(a, b, y, input_precision=PRECISION, out_dtype=ACC)
     return x, y
 
 
 @triton.jit
 def ickd_forward_kernel(
-    s_ptr, t_ptr, loss_ptr, coef_ptr, C, L, ss_n, ss_c, ss_l, st_n, st_c, st_l, eps: tl.float64,
+    s_ptr, t_ptr, loss_ptr, coef_ptr, C, L, stride_sn, stride_sc, stride_sl, stride_tn, stride_tc, stride_tl,
+        eps: tl.float64,
     PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Per (sample n, block of rows): Gram tiles of the rows against every column block, twice; writes
     loss[n, rows] = sum_j D^2 and coef[n, rows] = (a_s, a_t, b)."""
     n = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    s_base = s_ptr + n * ss_n
-    t_base = t_ptr + n * st_n
+    s_base = s_ptr + n * stride_sn
+    t_base = t_ptr + n * stride_tn
     sq_s = tl.zeros((BLOCK_M,), ACC)
     sq_t = tl.zeros((BLOCK_M,), ACC)
     for j0 in range(0, C, BLOCK_M):
         cols = j0 + tl.arange(0, BLOCK_M)
-        x, y = _gram_tiles(s_base, t_base, rows, cols, C, L, ss_c, ss_l, st_c, st_l, PRECISION, ACC, BLOCK_M, BLOCK_K)
+        x, y = _gram_tiles(s_base, t_base, rows, cols, C, L, stride_sc, stride_sl, stride_tc, stride_tl, PRECISION,
+                           ACC, BLOCK_M, BLOCK_K)
         sq_s += tl.sum(x * x, 1)
         sq_t += tl.sum(y * y, 1)
     eps_acc = tl.full((), eps, ACC)
@@ -80,7 +86,8 @@ def ickd_forward_kernel(
     sigma_t = tl.zeros((BLOCK_M,), ACC)
     for j0 in range(0, C, BLOCK_M):
         cols = j0 + tl.arange(0, BLOCK_M)
-        x, y = _gram_tiles(s_base, t_base, rows, cols, C, L, ss_c, ss_l, st_c, st_l, PRECISION, ACC, BLOCK_M, BLOCK_K)
+        x, y = _gram_tiles(s_base, t_base, rows, cols, C, L, stride_sc, stride_sl, stride_tc, stride_tl, PRECISION,
+                           ACC, BLOCK_M, BLOCK_K)
         a_s = x * inv_s[:, None]
         a_t = y * inv_t[:, None]
         d = a_s - a_t
@@ -96,10 +103,11 @@ def ickd_forward_kernel(
 
 
 @triton.jit
-def _coupling_tiles(s_base, t_base, coef_n, g, rows, cols, C, L, ss_c, ss_l, st_c, st_l,
+def _coupling_tiles(s_base, t_base, coef_n, g, rows, cols, C, L, stride_sc, stride_sl, stride_tc, stride_tl,
                     PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """(M_s, M_t)[rows, cols] = g ((a_i + a_j) G_x - (b_i + b_j) G_o) for x = s, t (o the other one)."""
-    x, y = _gram_tiles(s_base, t_base, rows, cols, C, L, ss_c, ss_l, st_c, st_l, PRECISION, ACC, BLOCK_M, BLOCK_K)
+    x, y = _gram_tiles(s_base, t_base, rows, cols, C, L, stride_sc, stride_sl, stride_tc, stride_tl, PRECISION, ACC,
+                       BLOCK_M, BLOCK_K)
     a_s_i = tl.load(coef_n + rows * N_COEF, mask=rows < C, other=0.0)
     a_t_i = tl.load(coef_n + rows * N_COEF + 1, mask=rows < C, other=0.0)
     b_i = tl.load(coef_n + rows * N_COEF + 2, mask=rows < C, other=0.0)
@@ -114,7 +122,8 @@ def _coupling_tiles(s_base, t_base, coef_n, g, rows, cols, C, L, ss_c, ss_l, st_
 
 @triton.jit
 def ickd_coupling_kernel(
-    s_ptr, t_ptr, coef_ptr, grad_loss_ptr, ms_ptr, mt_ptr, C, L, ss_n, ss_c, ss_l, st_n, st_c, st_l,
+    s_ptr, t_ptr, coef_ptr, grad_loss_ptr, ms_ptr, mt_ptr, C, L, stride_sn, stride_sc, stride_sl, stride_tn,
+        stride_tc, stride_tl,
     scale: tl.float64,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -124,8 +133,9 @@ def ickd_coupling_kernel(
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     g = 2.0 * tl.full((), scale, ACC) * tl.load(grad_loss_ptr).to(ACC)
-    m_s, m_t = _coupling_tiles(s_ptr + n * ss_n, t_ptr + n * st_n, coef_ptr + n * C * N_COEF, g, rows, cols, C, L,
-                               ss_c, ss_l, st_c, st_l, PRECISION, ACC, BLOCK_M, BLOCK_K)
+    m_s, m_t = _coupling_tiles(s_ptr + n * stride_sn, t_ptr + n * stride_tn, coef_ptr + n * C * N_COEF, g, rows, cols,
+                               C, L,
+                               stride_sc, stride_sl, stride_tc, stride_tl, PRECISION, ACC, BLOCK_M, BLOCK_K)
     out = n * C * C + rows[:, None] * C + cols[None, :]
     mask = (rows < C)[:, None] & (cols < C)[None, :]
     if GRAD_S:
@@ -137,7 +147,8 @@ def ickd_coupling_kernel(
 @triton.jit
 def ickd_grad_kernel(
     s_ptr, t_ptr, coef_ptr, grad_loss_ptr, ms_ptr, mt_ptr, gs_ptr, gt_ptr, C, L,
-    ss_n, ss_c, ss_l, st_n, st_c, st_l, gs_n, gs_c, gs_l, gt_n, gt_c, gt_l, scale: tl.float64,
+    stride_sn, stride_sc, stride_sl, stride_tn, stride_tc, stride_tl, stride_gsn, stride_gsc, stride_gsl, stride_gtn,
+        stride_gtc, stride_gtl, scale: tl.float64,
     STORED: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -146,8 +157,8 @@ def ickd_grad_kernel(
     n = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     ls = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
-    s_base = s_ptr + n * ss_n
-    t_base = t_ptr + n * st_n
+    s_base = s_ptr + n * stride_sn
+    t_base = t_ptr + n * stride_tn
     g = 2.0 * tl.full((), scale, ACC) * tl.load(grad_loss_ptr).to(ACC)
     acc_s = tl.zeros((BLOCK_M, BLOCK_L), ACC)
     acc_t = tl.zeros((BLOCK_M, BLOCK_L), ACC)
@@ -155,27 +166,32 @@ def ickd_grad_kernel(
     for j0 in range(0, C, BLOCK_M):
         cols = j0 + tl.arange(0, BLOCK_M)
         if not STORED:
-            m_s, m_t = _coupling_tiles(s_base, t_base, coef_ptr + n * C * N_COEF, g, rows, cols, C, L, ss_c, ss_l,
-                                       st_c, st_l, PRECISION, ACC, BLOCK_M, BLOCK_K)
+            m_s, m_t = _coupling_tiles(s_base, t_base, coef_ptr + n * C * N_COEF, g, rows, cols, C, L, stride_sc,
+                                       stride_sl,
+                                       stride_tc, stride_tl, PRECISION, ACC, BLOCK_M, BLOCK_K)
         tile = n * C * C + rows[:, None] * C + cols[None, :]
         tile_ok = (rows < C)[:, None] & (cols < C)[None, :]
         col_ok = (cols < C)[:, None]
         if GRAD_S:
             if STORED:
                 m_s = tl.load(ms_ptr + tile, mask=tile_ok, other=0.0)
-            f = tl.load(s_base + cols[:, None] * ss_c + ls[None, :] * ss_l, mask=col_ok & l_ok, other=0.0).to(ACC)
+            f = tl.load(s_base + cols[:, None] * stride_sc + ls[None, :] * stride_sl, mask=col_ok & l_ok,
+                        other=0.0).to(ACC)
             acc_s = tl.dot(m_s, f, acc_s, input_precision=PRECISION, out_dtype=ACC)
         if GRAD_T:
             if STORED:
                 m_t = tl.load(mt_ptr + tile, mask=tile_ok, other=0.0)
-            f = tl.load(t_base + cols[:, None] * st_c + ls[None, :] * st_l, mask=col_ok & l_ok, other=0.0).to(ACC)
+            f = tl.load(t_base + cols[:, None] * stride_tc + ls[None, :] * stride_tl, mask=col_ok & l_ok,
+                        other=0.0).to(ACC)
             acc_t = tl.dot(m_t, f, acc_t, input_precision=PRECISION, out_dtype=ACC)
     mask = (rows < C)[:, None] & l_ok
     if GRAD_S:
-        tl.store(gs_ptr + n * gs_n + rows[:, None] * gs_c + ls[None, :] * gs_l, acc_s.to(gs_ptr.dtype.element_ty),
+        tl.store(gs_ptr + n * stride_gsn + rows[:, None] * stride_gsc + ls[None, :] * stride_gsl,
+                 acc_s.to(gs_ptr.dtype.element_ty),
                  mask=mask)
     if GRAD_T:
-        tl.store(gt_ptr + n * gt_n + rows[:, None] * gt_c + ls[None, :] * gt_l, acc_t.to(gt_ptr.dtype.element_ty),
+        tl.store(gt_ptr + n * stride_gtn + rows[:, None] * stride_gtc + ls[None, :] * stride_gtl,
+                 acc_t.to(gt_ptr.dtype.element_ty),
                  mask=mask)
 
 
@@ -185,7 +201,7 @@ def _config(f_s, f_t):
     np2 = triton.next_power_of_2
     exact = any(x.dtype in (torch.float32, torch.float64) for x in (f_s, f_t))
     return dict(PRECISION="ieee" if exact else "tf32", ACC=tl_acc_dtype(f_s.dtype, f_t.dtype),
-                BLOCK_M=min(64, max(16, np2(C))), BLOCK_K=min(64, max(16, np2(L))), num_warps=4)
+                BLOCK_M=min(64, max(16, np2(C))), BLOCK_K=min(32, max(16, np2(L))), num_warps=8)
 
 
 def _acc(f_s, f_t):
@@ -229,7 +245,7 @@ def ickd_backward(grad_loss, f_s, f_t, coef, scale, grad_s, grad_t):
     gs3 = empty_like_samples(s3) if grad_s else None
     gt3 = empty_like_samples(t3) if grad_t else None
     out_s, out_t = (gs3 if grad_s else gt3), (gt3 if grad_t else gs3)
-    block_l = min(64, max(16, triton.next_power_of_2(L)))
+    block_l = min(32, max(16, triton.next_power_of_2(L)))
     ickd_grad_kernel[(N, triton.cdiv(C, block_m), triton.cdiv(L, block_l))](
         s3, t3, coef, grad_loss, ms, mt, out_s, out_t, C, L, *s3.stride(), *t3.stride(), *out_s.stride(),
         *out_t.stride(), float(scale), STORED=stored, GRAD_S=grad_s, GRAD_T=grad_t, BLOCK_L=block_l, **meta)
