@@ -108,12 +108,14 @@ def test_reduction_none_recomputes_in_backward():
 
 @pytest.mark.parametrize("name, kw", [("kl_div", dict(temperature=2.0)), ("dkd", dict(alpha=1.0, beta=2.0))])
 def test_bf16_with_fp32_accumulation(name, kw):
-    """bf16 hidden, weight, bias and teacher hidden states: within 1e-2 of fp64 (gradients in bf16)."""
+    """bf16 hidden, weight, bias and teacher hidden states: within 1e-2 of fp64 (gradients in bf16), and within
+    1e-3 of F.linear + the unchunked loss in bf16 (the gap to fp64 is the bf16 rounding of the logits, shared)."""
     V = 200
     inputs = make((24,), 32, V, dtype=torch.bfloat16, teacher_hidden=16, seed=7)
-    key = "target" if name == "dkd" else "labels"
-    check(name, inputs, loss_tol=1e-2, grad_tol=1e-2, chunk_size=8, **{key: labels_with_ignored((24,), V, seed=8)},
-          **kw)
+    kw = {**kw, ("target" if name == "dkd" else "labels"): labels_with_ignored((24,), V, seed=8)}
+    loss, grads = check(name, inputs, loss_tol=1e-2, grad_tol=1e-2, chunk_size=8, **kw)
+    ref_loss, ref_grads = loss_and_grads(composed(getattr(fastkd, name), **kw), *inputs)
+    assert rel_err(loss, ref_loss) <= 1e-3 and all(rel_err(g, rg) <= 1e-3 for g, rg in zip(grads, ref_grads))
     assert linear._MIXED_ADDMM[("cpu", torch.bfloat16)] is False  # the CPU has no fp32-output bf16 addmm
 
 
