@@ -28,12 +28,13 @@ def test_arguments():
 
 @pytest.mark.interpreter
 def test_cpu_validation_writes_tables_and_plot(tmp_path, capsys):
-    assert bench.main(["--cpu", "--loss", "kl", "dkd", "--out", str(tmp_path)]) == 0
+    assert bench.main(["--cpu", "--loss", "kl", "dkd", "linear_jsd", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "timings need a GPU" in printed and "kl" in printed
     rows = json.loads((tmp_path / "validation.json").read_text())["rows"]
-    assert {r["loss"] for r in rows} == {"kl", "dkd"}
-    assert all(r["fused_stream_bytes_per_elem"] <= 5.1 and r["eager_bytes_per_elem"] > 30 for r in rows)
+    assert [r["loss"] for r in rows] == ["kl", "kl", "dkd", "dkd", "linear_jsd"]
+    assert all(r["fused_stream_bytes_per_elem"] <= 5.1 and r["eager_bytes_per_elem"] > 30 for r in rows[:4])
+    assert rows[4]["rel_err_out"] <= 1e-5 and rows[4]["rel_err_grad"] <= 1e-5
     assert (tmp_path / "validation.csv").read_text().startswith("loss,dtype,")
     png = (tmp_path / "bytes.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000

@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+from .linear import NAME as LINEAR
 from .losses import LOSSES
 
 GPU_VOCABS = (32000, 128256, 262144)
@@ -84,7 +85,9 @@ def parse(argv):
                         help="a short GPU run: 4096 rows, V in {32000, 128256}, 10 reps, torch.compile for kl only")
     parser.add_argument("--rows", type=int, help="rows (tokens) on a GPU (default 8192; --quick 4096)")
     parser.add_argument("--vocab", type=int, nargs="+", help=f"vocabulary sizes on a GPU (default {GPU_VOCABS})")
-    parser.add_argument("--loss", nargs="+", choices=list(LOSSES), default=list(LOSSES), help="losses to run")
+    names = [*LOSSES, LINEAR]
+    parser.add_argument("--loss", nargs="+", choices=names, default=names,
+                        help=f"losses to run ({LINEAR}: hidden states + output weights, chunked)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--reps", type=int, help="timed calls per measurement, median (default 30; --quick 10)")
     parser.add_argument("--cpu", action="store_true", help="validate under the interpreter even if a GPU is present")
@@ -108,9 +111,14 @@ def run_cpu(args):
     print("against the fp64 eager reference, and counting the bytes each moves per logit element")
     print("(forward + backward, student gradient, 8 x 4096: 'stream' counts the [N, V] logits and gradient")
     print("only, 'fused' adds the per-row and per-column statistics; 'model' is DESIGN.md's floor for the")
-    print("streams, 'eager' the reference's ops).\n")
+    print("streams, 'eager' the reference's ops).  linear_jsd, the fused-linear path (hidden states and output")
+    print("weights, chunked), is matmul-bound: errors only.\n")
     start = time.time()
-    rows = validate(args.loss, _progress)
+    rows = validate([n for n in args.loss if n in LOSSES], _progress)
+    if LINEAR in args.loss:
+        from .linear import validate_linear
+
+        rows.append(validate_linear())
     _print_table(rows)
     print(f"\n{len(rows)} checks in {time.time() - start:.0f} s.")
     if args.out:
@@ -130,9 +138,15 @@ def run_gpu(args):
     env = _environment()
     print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}: {args.dtype}, median of {args.reps};")
     print("gbps and pct_of_copy use DESIGN.md's bytes for each mode; peak_mb is above the inputs; max_rel_err")
-    print("is against fp64 on 32 rows.  Liger takes log-probs: its peer is torch's log_softmax + Liger's op.\n")
-    shapes = gpu_shapes(args.rows, args.vocab, args.loss, args.quick)
+    print("is against fp64 on 32 rows.  Liger takes log-probs: its peer is torch's log_softmax + Liger's op.")
+    print(f"{LINEAR}: hidden size 4096, beta 0.5, T 1, against F.linear + fastkd.jsd ('unchunked') and Liger's")
+    print("LigerFusedLinearJSD; forward+backward time and peak memory (no bandwidth: matmul-bound).\n")
+    shapes = gpu_shapes(args.rows, args.vocab, [n for n in args.loss if n in LOSSES], args.quick)
     rows = time_all(shapes, dtype, args.reps, {"kl"} if args.quick else set(LOSSES), _progress)
+    if LINEAR in args.loss:
+        from .linear import time_linear
+
+        rows += time_linear(args.rows, args.vocab, dtype, args.reps, _progress)
     _print_table(rows)
     if args.out:
         print("wrote", ", ".join(_write(rows, args.out, "timings")))

@@ -15,7 +15,7 @@ def _pyplot():
 def bytes_plot(rows, path):
     """Bars per loss: fastkd's [N, V] stream bytes, DESIGN.md's floor and the eager reference's, bf16."""
     plt = _pyplot()
-    rows = [r for r in rows if r["dtype"] == "bfloat16"]
+    rows = [r for r in rows if r["dtype"] == "bfloat16" and "eager_bytes_per_elem" in r]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     names = [r["loss"] for r in rows]
     width = 0.27
