@@ -110,12 +110,11 @@ def _launch(v, bank, idx, z, temperature, exp_sum, grad):
 
 def nce(v, bank, idx, z, temperature, grad):
     """RepDistiller's ContrastLoss of the scores of v [N, D] against bank[idx] ([n_data, D], idx [N, K+1])
-    normalised by z (a 1-element tensor) -> (loss, 0-dim fp32 (fp64 for fp64 inputs); d loss / d v [N, D]
-    in v's dtype if `grad`, else None)."""
+    normalised by z (a 1-element tensor) -> (loss, d loss / d v [N, D] if `grad`, else None), both fp32
+    (fp64 for fp64 inputs)."""
     N = v.shape[0]
     partial, grads = _launch(v, bank, idx, z, temperature, False, grad)
-    loss = partial.sum() / N
-    return loss, (grads.sum(1) / N).to(v.dtype) if grad else None
+    return partial.sum() / N, grads.sum(1) / N if grad else None
 
 
 def exp_sum(v, bank, idx, temperature):

@@ -14,7 +14,7 @@ import fastkd.traffic
 from fastkd.hints import crd as crd_module
 from fastkd.hints.crd import CRD, crd_loss, crd_loss_reference, crd_normaliser
 from fastkd.traffic import OpLog
-from helpers import leaf, randint, randn, rel_err
+from helpers import DEVICE, leaf, randint, randn, rel_err
 
 
 def embeddings(N, D, seed):
@@ -23,7 +23,8 @@ def embeddings(N, D, seed):
 
 def bank(n, D, seed):
     """Uniform rows in +-1/sqrt(D / 3), as the code initialises its memory."""
-    return (torch.rand(n, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2 - 1) * math.sqrt(3 / D)
+    u = torch.rand(n, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64, device="cpu")
+    return ((u * 2 - 1) * math.sqrt(3 / D)).to(DEVICE)
 
 
 def problem(N, D, n_data, K, dtype=torch.float32, seed=0):
@@ -196,7 +197,7 @@ def test_module_matches_repdistiller():
     assert torch.equal(ours.memory_t, theirs.memory_v2.float())
     for step in range(3):
         f_s, f_t = randn((6, 12), seed=10 + step), randn((6, 20), seed=20 + step)
-        y = torch.randperm(60, generator=torch.Generator().manual_seed(step))[:6]
+        y = torch.randperm(60, generator=torch.Generator().manual_seed(step), device="cpu")[:6].to(DEVICE)
         given = randint(60, (6, 41), seed=30) if step == 2 else None
         if given is not None:
             given[:, 0] = y
@@ -264,6 +265,7 @@ def test_no_gather_no_scores_no_host_sync(oplog_sees_crd):
 
 def test_opcheck():
     v_s, _, _, memory_t, idx = problem(3, 8, 50, 10, torch.float64)
-    torch.library.opcheck(crd_module.crd_nce, (v_s, memory_t.double(), idx, torch.tensor(2.0, dtype=torch.float64),
-                                               0.1, True))
+    z = torch.tensor(2.0, dtype=torch.float64)
+    torch.library.opcheck(crd_module.crd_nce, (v_s, memory_t.double(), idx, z, 0.1, True))
+    torch.library.opcheck(crd_module.crd_nce, (v_s.detach(), memory_t.double(), idx, z, 0.1, False))
     torch.library.opcheck(crd_module.crd_exp_sum, (v_s.detach(), memory_t, idx, 0.1))

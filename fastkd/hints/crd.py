@@ -49,24 +49,26 @@ def _acc(*xs):
 @torch.library.custom_op("fastkd::crd_nce", mutates_args=())
 def crd_nce(v: Tensor, bank: Tensor, idx: Tensor, z: Tensor, temperature: float,
             need_grad: bool) -> tuple[Tensor, Tensor]:
-    """One side's ContrastLoss of v [N, D] against bank[idx] with normaliser z -> (loss, d loss / d v,
-    the latter computed in the same pass when need_grad, else empty)."""
+    """One side's ContrastLoss of v [N, D] against bank[idx] with normaliser z -> (loss, d loss / d v, the
+    latter computed in the same pass when need_grad, else empty), both fp32 (fp64 for fp64 inputs)."""
     loss, grad = _kernels().nce(v, bank, idx, z, temperature, need_grad)
-    return loss, grad if need_grad else v.new_empty(_EMPTY)
+    return loss, grad if need_grad else v.new_empty(_EMPTY, dtype=_acc(v, bank))
 
 
 @crd_nce.register_fake
 def _(v, bank, idx, z, temperature, need_grad):
-    return v.new_empty((), dtype=_acc(v, bank)), v.new_empty(v.shape if need_grad else _EMPTY)
+    return v.new_empty((), dtype=_acc(v, bank)), v.new_empty(v.shape if need_grad else _EMPTY, dtype=_acc(v, bank))
 
 
 def _nce_setup(ctx, inputs, output):
+    ctx.v_dtype, ctx.need_grad = inputs[0].dtype, inputs[5]
     ctx.save_for_backward(output[1])
 
 
 def _nce_grad(ctx, grad_loss, _grad_of_grad):
+    """The gradient formed in the forward pass, scaled (None when the forward was told not to form it)."""
     (grad,) = ctx.saved_tensors
-    return grad * grad_loss.to(grad.dtype), None, None, None, None, None
+    return ((grad * grad_loss).to(ctx.v_dtype) if ctx.need_grad else None), None, None, None, None, None
 
 
 crd_nce.register_autograd(_nce_grad, setup_context=_nce_setup)
