@@ -1,8 +1,9 @@
 """Relational knowledge distillation (Park, Kim, Lu and Cho, "Relational Knowledge Distillation", CVPR 2019).
 
 Follows mdistiller (distillers/RKD.py `rkd_loss`, defaults from engine/cfg.py), the same code as RepDistiller
-(distiller_zoo/RKD.py) and the authors' lenscloth/RKD.  On embeddings e [N, D] (feature maps are flattened;
-student and teacher dims may differ):
+(distiller_zoo/RKD.py) and the authors' lenscloth/RKD (metric/loss.py RkdDistance, RKdAngle; its examples
+weight them 1 and 2, the same 1:2 ratio).  On embeddings e [N, D] (feature maps are flattened; student and
+teacher dims may differ):
   distance: d_ij = sqrt(max(||e_i - e_j||^2, eps)) (`squared=True`: without the sqrt), d_ii = 0, divided by
             the mean of the positive entries; loss_d = smooth_l1(d_s, d_t), mean over the N^2 entries
   angle:    cos(i; j, k) = <u_ij, u_ik>, u_ij = (e_j - e_i) / max(||e_j - e_i||, 1e-12) (F.normalize);
