@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.utils._pytree as pytree
+from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime import interpreter
-
-from . import ops as fastkd_ops
 
 
 @dataclass
@@ -145,7 +144,7 @@ class OpLog(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.namespace == "fastkd":  # run the op's Python body under this mode to see inside it
             with self:
-                out = getattr(fastkd_ops, func._opname)._init_fn(*args, **kwargs)
+                out = OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
         else:
             out = func(*args, **kwargs)
         if not self._in_kernel and func.namespace != "fastkd":  # a custom op's outputs were logged inside it

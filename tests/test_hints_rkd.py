@@ -2,14 +2,12 @@
 formulation in fp64: fp32 and bf16, feature maps and strided inputs, rows with a large common offset,
 near-coincident and duplicate rows, N = 2, gradcheck on the kernels, argument errors, and the memory
 claim (no [N, N, D] or [N, N, N] tensor, nothing larger than the inputs, no host sync)."""
-import types
 
 import pytest
 import torch
 from triton.runtime import interpreter
 
 import fastkd
-import fastkd.traffic
 from fastkd.hints import rkd as rkd_module
 from fastkd.hints.rkd import RKD, rkd_loss, rkd_loss_reference
 from fastkd.traffic import OpLog
@@ -158,15 +156,6 @@ def test_bad_input():
         rkd_loss(s, t.to("meta"))
 
 
-@pytest.fixture
-def oplog_sees_rkd(monkeypatch):
-    """OpLog looks a custom op's body up in fastkd.ops: let it find the RKD ops as well."""
-    ops = {**vars(fastkd.traffic.fastkd_ops), **{n: getattr(rkd_module, n) for n in
-                                                  ("rkd_sqdist", "rkd_sqdist_backward", "rkd_angle",
-                                                   "rkd_angle_backward")}}
-    monkeypatch.setattr(fastkd.traffic, "fastkd_ops", types.SimpleNamespace(**ops))
-
-
 def fused_allocations(N, D, teacher_grad):
     s, t = leaf(randn((N, D)).float()), leaf(randn((N, D), seed=1).float(), teacher_grad)
     with OpLog() as log, fastkd.use_backend("triton"):
@@ -176,7 +165,7 @@ def fused_allocations(N, D, teacher_grad):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("teacher_grad", [False, True])
-def test_no_tensor_larger_than_the_inputs_and_no_host_sync(oplog_sees_rkd, monkeypatch, teacher_grad):
+def test_no_tensor_larger_than_the_inputs_and_no_host_sync(monkeypatch, teacher_grad):
     """At N = 12, D = 40 with the kernels running, and at N = 256, D = 2048 with the launches skipped
     (allocations are made on the host from shapes alone; the interpreter would need minutes for 16.7M
     triplets): the only [N, D] allocations are the returned gradients, everything else is [N, N] or
@@ -192,7 +181,7 @@ def test_no_tensor_larger_than_the_inputs_and_no_host_sync(oplog_sees_rkd, monke
 
 
 @pytest.mark.interpreter
-def test_the_code_allocates_cubic_tensors(oplog_sees_rkd):
+def test_the_code_allocates_cubic_tensors():
     """The check above can fail: the code's formulation allocates [N, N, D] and [N, N, N] tensors."""
     N, D = 12, 40
     s, t = leaf(randn((N, D)).float()), randn((N, D), seed=1).float()
