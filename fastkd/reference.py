@@ -180,3 +180,15 @@ def sparse_jsd(student_logits, teacher_ids, teacher_values, beta=0.5, *, values=
     """T^2 JSD_beta over the teacher's K ids, plus a tail bucket or renormalised; see fastkd.sparse_jsd."""
     return _sparse(student_logits, teacher_ids, teacher_values, beta, values, missing, temperature, labels,
                    ignore_index, reduction)
+
+
+# The hint losses' references live beside their fused code, one file per method (fastkd/hints/).
+from .hints.at import at_loss_reference as at_loss  # noqa: E402
+from .hints.cc import cc_loss_reference as cc_loss  # noqa: E402
+from .hints.crd import crd_loss_reference as crd_loss  # noqa: E402
+from .hints.fitnet import fitnet_loss_reference as fitnet_loss  # noqa: E402
+from .hints.hcl import hcl_loss_reference as hcl_loss  # noqa: E402
+from .hints.ickd import ickd_loss_reference as ickd_loss  # noqa: E402
+from .hints.pkt import pkt_loss_reference as pkt_loss  # noqa: E402
+from .hints.rkd import rkd_loss_reference as rkd_loss  # noqa: E402
+from .hints.sp import sp_loss_reference as sp_loss  # noqa: E402
