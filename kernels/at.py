@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .common import tl_acc_dtype
 
-SQUARE, ABS, ODD, REAL = 0, 1, 2, 3
+SQUARE, ABS, ODD, REAL = (tl.constexpr(kind) for kind in range(4))  # POWER: how pow(x) is computed
 N_STATS = tl.constexpr(5)  # per sample: ||q_s||, ||q_t||, sigma_s, sigma_t, dist (sum d^2 or ||d||)
 TILE = 4096  # elements of f per program and step
 MAX_BLOCK_L = 128
@@ -41,11 +41,12 @@ def _abs_pow(x, p):
 
 @triton.jit
 def power(x, p, POWER: tl.constexpr):
-    if POWER == 0:
+    """pow(x) (module docstring), 0 at x = 0."""
+    if POWER == SQUARE:
         return x * x
-    elif POWER == 1:
+    elif POWER == ABS:
         return _abs_pow(x, p)
-    elif POWER == 2:
+    elif POWER == ODD:
         return tl.where(x < 0, -_abs_pow(x, p), _abs_pow(x, p))
     else:
         return tl.where(x < 0, float("nan"), _abs_pow(x, p))
@@ -54,14 +55,13 @@ def power(x, p, POWER: tl.constexpr):
 @triton.jit
 def power_grad(x, p, POWER: tl.constexpr):
     """d pow(x) / dx: 2x; p |x|^(p-1) sign(x); p |x|^(p-1); p x^(p-1) (NaN for x < 0), with 0^0 = 1."""
-    if POWER == 0:
+    if POWER == SQUARE:
         return 2.0 * x
     else:
-        ax = tl.abs(x)
-        r = p * tl.where(p == 1.0, 1.0, tl.exp((p - 1.0) * tl.log(ax)))
-        if POWER == 1:
+        r = p * tl.where(p == 1.0, 1.0, tl.exp((p - 1.0) * tl.log(tl.abs(x))))
+        if POWER == ABS:  # sign(0) = 0, as torch's abs backward (NaN where r is infinite: p < 1 at 0, as torch)
             return tl.where(x < 0, -r, tl.where(x > 0, r, 0.0 * r))
-        elif POWER == 2:
+        elif POWER == ODD:
             return r
         else:
             return tl.where(x < 0, float("nan"), r)
@@ -206,10 +206,11 @@ def as_samples(f):
     return f3
 
 
-def _blocks(C, L):
+def map_tiles(C, L):
+    """Tile ([BLOCK_C, BLOCK_L] of about TILE elements) and warps of the map kernels for maps [N, C, L]."""
     block_l = min(triton.next_power_of_2(L), MAX_BLOCK_L)
     block_c = max(1, min(triton.next_power_of_2(C), TILE // block_l))
-    return block_c, block_l
+    return dict(BLOCK_C=block_c, BLOCK_L=block_l, num_warps=8 if block_c * block_l >= 2048 else 4)
 
 
 def empty_like_samples(f3):
@@ -226,11 +227,9 @@ def at_map(f, p, power_kind, scale):
     N, C, L = f3.shape
     acc = torch.float64 if f.dtype == torch.float64 else torch.float32
     q = torch.empty(N, L, dtype=acc, device=f.device)
-    block_c, block_l = _blocks(C, L)
-    at_map_kernel[(N, triton.cdiv(L, block_l))](
-        f3, q, C, L, *f3.stride(), float(p), float(scale), POWER=power_kind, ACC=tl_acc_dtype(f.dtype),
-        BLOCK_C=block_c, BLOCK_L=block_l, num_warps=8 if block_c * block_l >= 2048 else 4,
-    )
+    tiles = map_tiles(C, L)
+    at_map_kernel[(N, triton.cdiv(L, tiles["BLOCK_L"]))](
+        f3, q, C, L, *f3.stride(), float(p), float(scale), POWER=power_kind, ACC=tl_acc_dtype(f.dtype), **tiles)
     return q
 
 
@@ -239,12 +238,10 @@ def at_map_grad(f, dq, p, power_kind, scale):
     f3 = as_samples(f)
     N, C, L = f3.shape
     df3 = empty_like_samples(f3)
-    block_c, block_l = _blocks(C, L)
-    at_map_grad_kernel[(N, triton.cdiv(L, block_l))](
+    tiles = map_tiles(C, L)
+    at_map_grad_kernel[(N, triton.cdiv(L, tiles["BLOCK_L"]))](
         f3, dq.contiguous(), df3, C, L, *f3.stride(), *df3.stride(), float(p), float(scale), POWER=power_kind,
-        ACC=tl_acc_dtype(f.dtype, dq.dtype), BLOCK_C=block_c, BLOCK_L=block_l,
-        num_warps=8 if block_c * block_l >= 2048 else 4,
-    )
+        ACC=tl_acc_dtype(f.dtype, dq.dtype), **tiles)
     return df3.view(f.shape)
 
 

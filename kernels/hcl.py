@@ -215,30 +215,31 @@ def hcl_weights(N, C, H, W):
     return (1.0 / (N * C * H * W * tot), *(level_weights.get(level, 0.0) / tot for level in (4, 2, 1)))
 
 
-def _blocks(C, H, W, channels_minor):
-    """(BLOCK_C, BLOCK_H, BLOCK_W): tiles of BLOCK_C * BLOCK_H map rows (>= 16, the window dots' minimum) by
-    BLOCK_W >= 16 columns, about TILE elements; channels_last maps take one map row of 16 to 64 channels."""
+def tiles(C, H, W, channels_minor):
+    """BLOCK_C, BLOCK_H, BLOCK_W and warps: tiles of BLOCK_C * BLOCK_H map rows (>= 16, the window dots' minimum)
+    by BLOCK_W >= 16 columns, about TILE elements; channels_last maps take one map row of 16 to 64 channels."""
     np2 = triton.next_power_of_2
     if channels_minor:
         block_c = min(max(np2(C), 16), 64)
-        return block_c, 1, min(max(np2(W), 16), TILE // block_c)
-    block_w = min(max(np2(W), 16), 64)
-    block_h = min(np2(H), TILE // block_w)
-    block_c = min(np2(C), TILE // (block_h * block_w))
-    while block_c * block_h < 16:
-        block_h *= 2
-    return block_c, block_h, block_w
+        block_h, block_w = 1, min(max(np2(W), 16), TILE // block_c)
+    else:
+        block_w = min(max(np2(W), 16), 64)
+        block_h = min(np2(H), TILE // block_w)
+        block_c = min(np2(C), TILE // (block_h * block_w))
+        while block_c * block_h < 16:
+            block_h *= 2
+    return dict(BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4)
 
 
 def _launch_config(f_s, f_t):
     N, C, H, W = f_s.shape
     check_span(f_s)
     check_span(f_t)
-    block_c, block_h, block_w = _blocks(C, H, W, f_s.stride(1) == 1 and C > 1)
+    meta = tiles(C, H, W, f_s.stride(1) == 1 and C > 1)
     exact = any(x.dtype in (torch.float32, torch.float64) for x in (f_s, f_t))
-    meta = dict(FIRST_SLOT=first_slot(H), PRECISION="ieee" if exact else "tf32x3",
-                ACC=tl_acc_dtype(f_s.dtype, f_t.dtype), BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4)
-    return (N, triton.cdiv(C, block_c)), meta
+    meta.update(FIRST_SLOT=first_slot(H), PRECISION="ieee" if exact else "tf32x3",
+                ACC=tl_acc_dtype(f_s.dtype, f_t.dtype))
+    return (N, triton.cdiv(C, meta["BLOCK_C"])), meta
 
 
 def saves_pooled(f_s, f_t):

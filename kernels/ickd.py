@@ -12,13 +12,17 @@ Backward (g = 2 * scale * incoming gradient; pi_i = [||G_i|| >= eps]):
 M is either stored ([N, C, C] fp32, when that is no larger than an input: C^2 * 4 <= C L * element size), or
 recomputed tile by tile from the Gram tiles inside the gradient kernel.
 
-Kernels (dots: fp32 operands, tf32 for 16-bit inputs (exact: their products fit fp32), ieee for fp32 ones;
-fp64 for fp64 inputs):
-  ickd_forward_kernel   per (sample, block of rows): reads F_s, F_t rows x all columns 2 C / BLOCK times;
-                        writes the rows' sum D^2 [N, C] and (a_s, a_t, b) [N, C, 3]
-  ickd_coupling_kernel  per (sample, row block, column block): writes M_s and/or M_t tiles
+Dots take fp32 operands (fp64 for fp64 inputs): "tf32" for 16-bit inputs (exact products: a 16-bit value fits
+tf32), "ieee" when an input is fp32.  16-bit operands are converted after plain 128-bit loads (the Gram loop is not
+software-pipelined; the interpreter multiplies bf16 dot operands as raw integers, so they never reach tl.dot).
+
+Kernels:
+  ickd_forward_kernel   per (sample, block of BLOCK_M rows): Gram tiles of the rows against every column block,
+                        twice (reads the rows and all of F_s, F_t twice); writes the rows' sum of D^2 [N, C] and
+                        (a_s, a_t, b) [N, C, 3]
+  ickd_coupling_kernel  per (sample, row block, column block): one Gram tile pair; writes M_s and/or M_t there
   ickd_grad_kernel      per (sample, row block, block of L): writes dL/dF_s and/or dL/dF_t = M F on the block,
-                        M loaded (STORED) or recomputed
+                        M loaded (STORED) or recomputed from Gram tiles (then F is read C / BLOCK_M times more)
 In-sample offsets are int32 (the launcher checks the span), the sample offset int64.
 """
 import torch
@@ -39,7 +43,7 @@ def _gram_tiles(s_base, t_base, rows, cols, C, L, stride_sc, stride_sl, stride_t
     y = tl.zeros((BLOCK_M, BLOCK_M), ACC)
     row_ok = (rows < C)[:, None]
     col_ok = (cols < C)[None, :]
-    for k0 in range(0, L, BLOCK_K):
+    for k0 in tl.range(0, L, BLOCK_K, num_stages=1):  # plain 128-bit loads, converted in registers
         ks = k0 + tl.arange(0, BLOCK_K)
         k_row = (ks < L)[None, :]
         k_col = (ks < L)[:, None]
@@ -195,13 +199,20 @@ def ickd_grad_kernel(
                  mask=mask)
 
 
-def _config(f_s, f_t):
-    """Tile sizes and the dot precision (see the module docstring) for two [N, C, L] maps."""
-    C, L = f_s.shape[1], f_s.shape[2]
+def tiles(C, L):
+    """Tiles and warps: BLOCK_M rows (and columns) of the Gram, BLOCK_K positions per dot step, BLOCK_L positions
+    of the gradient per program (ickd_grad_kernel only)."""
     np2 = triton.next_power_of_2
+    return dict(BLOCK_M=min(64, max(16, np2(C))), BLOCK_K=min(32, max(16, np2(L))),
+                BLOCK_L=min(32, max(16, np2(L))), num_warps=8)
+
+
+def _config(f_s, f_t):
+    """Gram tiles and the dot precision (module docstring) for two [N, C, L] maps."""
+    meta = tiles(f_s.shape[1], f_s.shape[2])
+    del meta["BLOCK_L"]
     exact = any(x.dtype in (torch.float32, torch.float64) for x in (f_s, f_t))
-    return dict(PRECISION="ieee" if exact else "tf32", ACC=tl_acc_dtype(f_s.dtype, f_t.dtype),
-                BLOCK_M=min(64, max(16, np2(C))), BLOCK_K=min(32, max(16, np2(L))), num_warps=8)
+    return dict(meta, PRECISION="ieee" if exact else "tf32", ACC=tl_acc_dtype(f_s.dtype, f_t.dtype))
 
 
 def _acc(f_s, f_t):
@@ -245,7 +256,7 @@ def ickd_backward(grad_loss, f_s, f_t, coef, scale, grad_s, grad_t):
     gs3 = empty_like_samples(s3) if grad_s else None
     gt3 = empty_like_samples(t3) if grad_t else None
     out_s, out_t = (gs3 if grad_s else gt3), (gt3 if grad_t else gs3)
-    block_l = min(32, max(16, triton.next_power_of_2(L)))
+    block_l = tiles(C, L)["BLOCK_L"]
     ickd_grad_kernel[(N, triton.cdiv(C, block_m), triton.cdiv(L, block_l))](
         s3, t3, coef, grad_loss, ms, mt, out_s, out_t, C, L, *s3.stride(), *t3.stride(), *out_s.stride(),
         *out_t.stride(), float(scale), STORED=stored, GRAD_S=grad_s, GRAD_T=grad_t, BLOCK_L=block_l, **meta)

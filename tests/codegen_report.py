@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from fastkd import kernels  # noqa: E402
 from triton_tools import compile_report  # noqa: E402
 from fastkd.kernels import crd as crd_kernels, rkd as rkd_kernels  # noqa: E402  (imported lazily by fastkd)
+from fastkd.kernels import at as at_kernels, hcl as hcl_kernels, ickd as ickd_kernels  # noqa: E402
 
 V = 131072
 ARCHS = (90, 80)
@@ -25,6 +26,20 @@ TILES = {"BLOCK_R": kernels.dist.BLOCK_R, "BLOCK_C": 64}  # the DIST tile kernel
 
 def _strides(*names):
     return {n: "i64" for n in names}
+
+
+def _tiles(tiles):
+    """A launcher's tile constexprs (its dict without num_warps)."""
+    return {k: v for k, v in tiles.items() if k != "num_warps"}
+
+
+def _warps(tiles):
+    return {"num_warps": tiles["num_warps"]}
+
+
+def _gram(tiles):
+    """ICKD's Gram tiles (the forward and coupling kernels have no BLOCK_L)."""
+    return {k: v for k, v in _tiles(tiles).items() if k != "BLOCK_L"}
 
 # kernel, runtime signature, constexprs[, launch]: bf16 rows get 4096-column blocks and 8 warps unless the
 # constexprs fix their own tile (BLOCK_R, as DIST's tile kernels) or `launch` gives num_warps.
@@ -155,6 +170,82 @@ CASES = {
         {"stride_vd": 1, "stride_bankd": 1, "stride_idxk": 1, "EXP_SUM": False, "GRAD": True, "BLOCK_K": 32,
          "BLOCK_D": 128, "EVEN_D": True},  # feat_dim 128: 32 rows of 128 per tile
         {"num_warps": 4},
+    ),
+    # hint losses on a ResNet-stage map: bf16 [N, 256, 32, 32]; sizes as constexprs (the launcher marks those
+    # divisible by 16 as such; the divisibility rule here covers only V and strides), NCHW (unit stride constexpr)
+    "at_map": (
+        at_kernels.at_map_kernel,
+        {"f_ptr": "*bf16", "q_ptr": "*fp32", "C": "i32", **_strides("stride_n", "stride_c"), "p": "fp64",
+         "scale": "fp64"},
+        {"L": 1024, "stride_l": 1, "POWER": at_kernels.SQUARE, **_tiles(at_kernels.map_tiles(256, 1024))},
+        _warps(at_kernels.map_tiles(256, 1024)),
+    ),
+    "at_map_grad": (
+        at_kernels.at_map_grad_kernel,
+        {"f_ptr": "*bf16", "dq_ptr": "*fp32", "df_ptr": "*bf16", "C": "i32",
+         **_strides("stride_n", "stride_c", "stride_gn", "stride_gc"), "p": "fp64", "scale": "fp64"},
+        {"L": 1024, "stride_l": 1, "stride_gl": 1, "POWER": at_kernels.ABS, **_tiles(at_kernels.map_tiles(256, 1024))},
+        _warps(at_kernels.map_tiles(256, 1024)),
+    ),
+    "at_distance": (
+        at_kernels.at_distance_kernel,
+        {"qs_ptr": "*fp32", "qt_ptr": "*fp32", "loss_ptr": "*fp32", "stats_ptr": "*fp32", "eps": "fp64",
+         "scale": "fp64"},
+        {"L": 1024, "PAPER": False, "BLOCK": 1024},
+        {"num_warps": 4},
+    ),
+    "at_distance_grad": (
+        at_kernels.at_distance_grad_kernel,
+        {"qs_ptr": "*fp32", "qt_ptr": "*fp32", "stats_ptr": "*fp32", "grad_loss_ptr": "*fp32", "dqs_ptr": "*fp32",
+         "dqt_ptr": "*fp32", "stride_g": "i32", "eps": "fp64", "scale": "fp64"},
+        {"L": 1024, "PAPER": True, "GRAD_S": True, "GRAD_T": True, "BLOCK": 1024},
+        {"num_warps": 4},
+    ),
+    "hcl_forward": (
+        hcl_kernels.hcl_forward_kernel,
+        {"s_ptr": "*bf16", "t_ptr": "*bf16", "partial_ptr": "*fp32", "pooled_ptr": "*fp32", "C": "i32", "H": "i32",
+         **_strides("stride_sn", "stride_sc", "stride_sh", "stride_tn", "stride_tc", "stride_th"),
+         "w0": "fp64", "w4": "fp64", "w2": "fp64", "w1": "fp64"},
+        {"W": 32, "stride_sw": 1, "stride_tw": 1, "FIRST_SLOT": 0, "SAVE": True, "PRECISION": "tf32x3",
+         **_tiles(hcl_kernels.tiles(256, 32, 32, False))},
+        _warps(hcl_kernels.tiles(256, 32, 32, False)),
+    ),
+    "hcl_backward": (
+        hcl_kernels.hcl_backward_kernel,
+        {"s_ptr": "*bf16", "t_ptr": "*bf16", "pooled_ptr": "*fp32", "grad_loss_ptr": "*fp32", "gs_ptr": "*bf16",
+         "gt_ptr": "*bf16", "C": "i32", "H": "i32",
+         **_strides("stride_sn", "stride_sc", "stride_sh", "stride_tn", "stride_tc", "stride_th", "stride_gsn",
+                    "stride_gsc", "stride_gsh", "stride_gtn", "stride_gtc", "stride_gth"),
+         "w0": "fp64", "w4": "fp64", "w2": "fp64", "w1": "fp64"},
+        {"W": 32, "stride_sw": 1, "stride_tw": 1, "stride_gsw": 1, "stride_gtw": 1, "FIRST_SLOT": 0, "SAVED": True,
+         "GRAD_S": True, "GRAD_T": True, "PRECISION": "tf32x3", **_tiles(hcl_kernels.tiles(256, 32, 32, False))},
+        _warps(hcl_kernels.tiles(256, 32, 32, False)),
+    ),
+    "ickd_forward": (
+        ickd_kernels.ickd_forward_kernel,
+        {"s_ptr": "*bf16", "t_ptr": "*bf16", "loss_ptr": "*fp32", "coef_ptr": "*fp32",
+         **_strides("stride_sn", "stride_sc", "stride_tn", "stride_tc"), "eps": "fp64"},
+        {"C": 256, "L": 1024, "stride_sl": 1, "stride_tl": 1, "PRECISION": "tf32",
+         **_gram(ickd_kernels.tiles(256, 1024))},
+        _warps(ickd_kernels.tiles(256, 1024)),
+    ),
+    "ickd_coupling": (
+        ickd_kernels.ickd_coupling_kernel,
+        {"s_ptr": "*bf16", "t_ptr": "*bf16", "coef_ptr": "*fp32", "grad_loss_ptr": "*fp32", "ms_ptr": "*fp32",
+         "mt_ptr": "*fp32", **_strides("stride_sn", "stride_sc", "stride_tn", "stride_tc"), "scale": "fp64"},
+        {"C": 256, "L": 1024, "stride_sl": 1, "stride_tl": 1, "GRAD_S": True, "GRAD_T": True, "PRECISION": "tf32",
+         **_gram(ickd_kernels.tiles(256, 1024))},
+        _warps(ickd_kernels.tiles(256, 1024)),
+    ),
+    "ickd_grad": (  # the recomputing variant (STORED=False) holds the most
+        ickd_kernels.ickd_grad_kernel,
+        {"s_ptr": "*bf16", "t_ptr": "*bf16", "coef_ptr": "*fp32", "grad_loss_ptr": "*fp32", "ms_ptr": "*fp32",
+         "mt_ptr": "*fp32", "gs_ptr": "*bf16", "gt_ptr": "*bf16",
+         **_strides("stride_sn", "stride_sc", "stride_tn", "stride_tc", "stride_gsn", "stride_gsc", "stride_gtn",
+                    "stride_gtc"), "scale": "fp64"},
+        {"C": 256, "L": 1024, "stride_sl": 1, "stride_tl": 1, "stride_gsl": 1, "stride_gtl": 1, "STORED": False,
+         "GRAD_S": True, "GRAD_T": True, "PRECISION": "tf32", **_tiles(ickd_kernels.tiles(256, 1024))},
+        _warps(ickd_kernels.tiles(256, 1024)),
     ),
 }
 

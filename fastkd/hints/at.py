@@ -19,9 +19,10 @@ in the input dtype (its output is smaller than its input).
 Module `AT(p=2.0, mode="code", weight=1000.0)`: weight * at_loss, mdistiller's AT.LOSS.FEAT_WEIGHT (RepDistiller's
 `-b 1000` for attention).
 
-Fused path (kernels/at.py): one pass over each feature map makes the channel-pooled map q [N, H W] (fp32), a
-per-sample kernel normalises and compares the two maps; the backward reads each feature map once more and writes
-its gradient.  Besides the gradients nothing larger than [N, H W] is allocated.
+Fused path (kernels/at.py): one pass over each feature map makes the channel-pooled map q [N, H W] (fp32; fp64
+for fp64), a per-sample kernel normalises and compares the two maps; the backward reads each feature map once more
+and writes its gradient.  Besides the gradients, it allocates [N, H W] maps and per-sample statistics (and the
+pooled map where sizes differ; a copy of a map whose H and W do not collapse into one stride).
 """
 import importlib
 import math
@@ -96,12 +97,15 @@ def at_loss_reference(f_s, f_t, *, p=2.0, mode="code"):
 
 
 def _power_kind(p, mode):
+    """How the kernels compute f^p (kernels/at.py: SQUARE, ABS, ODD or REAL), as an int."""
     k = _kernels()
     if p == 2.0:
-        return k.SQUARE
-    if mode == "paper" or (p.is_integer() and int(p) % 2 == 0):
-        return k.ABS
-    return k.ODD if p.is_integer() else k.REAL
+        kind = k.SQUARE
+    elif mode == "paper" or (p.is_integer() and int(p) % 2 == 0):
+        kind = k.ABS
+    else:
+        kind = k.ODD if p.is_integer() else k.REAL
+    return kind.value
 
 
 def at_loss(f_s, f_t, *, p=2.0, mode="code"):
@@ -119,6 +123,8 @@ def at_loss(f_s, f_t, *, p=2.0, mode="code"):
         N, L = s.shape[0], s.shape[2] * s.shape[3]
         q_s = at_map(s, p, kind, 1.0 if paper else 1.0 / s.shape[1])
         q_t = at_map(t, p, kind, 1.0 if paper else 1.0 / t.shape[1])
+        if q_s.dtype != q_t.dtype:  # one fp64 input: compare in fp64
+            q_s, q_t = q_s.double(), q_t.double()
         rows, _ = at_distance(q_s, q_t, EPS, 1.0 / N if paper else 1.0 / (N * L), paper)
         total = total + rows.sum()
     return total
@@ -201,11 +207,14 @@ def _(grad_loss, q_s, q_t, stats, eps, scale, paper, grad_s, grad_t):
 
 
 def _distance_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zeros for the statistics' (unused) gradients
     q_s, q_t, ctx.eps, ctx.scale, ctx.paper = inputs
     ctx.save_for_backward(q_s, q_t, output[1])
 
 
 def _distance_grad(ctx, grad_loss, _grad_stats):
+    if grad_loss is None:  # the loss took no part in what is differentiated
+        return None, None, None, None, None
     q_s, q_t, stats = ctx.saved_tensors
     need_s, need_t = ctx.needs_input_grad[:2]
     dq_s, dq_t = at_distance_backward(grad_loss, q_s, q_t, stats, ctx.eps, ctx.scale, ctx.paper, need_s, need_t)

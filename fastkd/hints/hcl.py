@@ -105,10 +105,13 @@ def _(grad_loss, f_s, f_t, pooled, grad_s, grad_t):
 
 
 def _setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zeros for the statistics' (unused) gradients
     ctx.save_for_backward(*inputs, output[1])
 
 
 def _grad(ctx, grad_loss, _grad_pooled):
+    if grad_loss is None:  # the loss took no part in what is differentiated
+        return None, None
     f_s, f_t, pooled = ctx.saved_tensors
     need_s, need_t = ctx.needs_input_grad
     gs, gt = hcl_stage_backward(grad_loss, f_s, f_t, pooled, need_s, need_t)

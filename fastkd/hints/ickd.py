@@ -117,11 +117,14 @@ def _(grad_loss, f_s, f_t, coef, scale, grad_s, grad_t):
 
 
 def _setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zeros for the statistics' (unused) gradients
     f_s, f_t, ctx.scale = inputs
     ctx.save_for_backward(f_s, f_t, output[1])
 
 
 def _grad(ctx, grad_loss, _grad_coef):
+    if grad_loss is None:  # the loss took no part in what is differentiated
+        return None, None, None
     f_s, f_t, coef = ctx.saved_tensors
     need_s, need_t = ctx.needs_input_grad[:2]
     gs, gt = ickd_stage_backward(grad_loss, f_s, f_t, coef, ctx.scale, need_s, need_t)
