@@ -5,8 +5,6 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import ops
-from fastkd.hints import ickd as ickd_module
 from fastkd.hints.ickd import ICKD, ickd_loss, ickd_loss_reference
 from fastkd.kernels.ickd import stores_coupling
 from fastkd.traffic import OpLog
@@ -123,13 +121,11 @@ def test_argument_errors(f_s, f_t, kwargs, error, match):
 
 
 @pytest.mark.interpreter
-def test_no_temporary_as_large_as_an_input_and_no_host_sync(monkeypatch):
+def test_no_temporary_as_large_as_an_input_and_no_host_sync():
     """bf16 maps with a ResNet stage's ratio of channels to positions (C = L / 4: 256 over 32 x 32, here 64 over
     16 x 16, N = 2; every allocation is proportional to N and scales with C / L as the inputs do): besides the two
     gradients, the stored coupling matrices [N, C, C] fp32 (half an input each here) and small per-row vectors;
     the eager reference makes several [N, C, C] and the autograd of bmm more."""
-    for name in ("ickd_stage", "ickd_stage_backward"):  # OpLog looks a fastkd op's Python body up in fastkd.ops
-        monkeypatch.setattr(ops, name, getattr(ickd_module, name), raising=False)
     s, t = leaf(randn((2, 64, 16, 16), 1).bfloat16()), leaf(randn((2, 64, 16, 16), 2).bfloat16())
     size = s.numel() * s.element_size()
     assert stores_coupling(s, t)
