@@ -110,9 +110,15 @@ def test_bf16():
 
 @pytest.mark.parametrize("kwargs", [{}, {"p": 3.0}, {"p": 1.5, "mode": "paper"}], ids=["code", "odd", "paper"])
 def test_gradcheck_fp64(kwargs):
-    """Both kernels' backward (map and distance), fp64 on the real kernels, teacher grad too."""
+    """Both kernels' backward (map and distance), fp64 on the real kernels, teacher grad too (fast mode: a random
+    projection of the Jacobian; the full Jacobian below)."""
     s, t = leaf(randn((2, 2, 3, 3), 1)), leaf(randn((2, 3, 3, 3), 2))
     assert torch.autograd.gradcheck(lambda a, b: fused(a, b, **kwargs), (s, t), fast_mode=True)
+
+
+def test_gradcheck_fp64_full_jacobian():
+    s, t = leaf(randn((2, 1, 2, 2), 1)), leaf(randn((2, 2, 2, 2), 2))
+    assert torch.autograd.gradcheck(lambda a, b: fused(a, b, p=3.0), (s, t))
 
 
 def test_module_and_dispatch():

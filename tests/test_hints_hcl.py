@@ -87,9 +87,16 @@ def test_bf16():
 
 @pytest.mark.parametrize("shape", [(2, 2, 5, 5), (2, 2, 5, 3), (2, 3, 1, 1)], ids=["saved", "recomputed", "mse"])
 def test_gradcheck_fp64(shape):
+    """fp64 on the real kernels, teacher grad too (fast mode: a random projection of the Jacobian; full one below)."""
     s, t = leaf(randn(shape, 1)), leaf(randn(shape, 2))
     assert saves_pooled(s, t) == (shape == (2, 2, 5, 5))
     assert torch.autograd.gradcheck(fused, (s, t), fast_mode=True)
+
+
+def test_gradcheck_fp64_full_jacobian():
+    s, t = leaf(randn((2, 1, 3, 3), 1)), leaf(randn((2, 1, 3, 3), 2))  # levels 2 and 1, means saved
+    assert saves_pooled(s, t)
+    assert torch.autograd.gradcheck(fused, (s, t))
 
 
 def test_identical_maps_give_zero():

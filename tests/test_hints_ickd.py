@@ -85,9 +85,16 @@ def test_bf16(shape):
 
 @pytest.mark.parametrize("shape", [(2, 3, 2, 2), (2, 5, 2, 2)], ids=["stored", "recomputed"])
 def test_gradcheck_fp64(shape):
+    """fp64 on the real kernels, teacher grad too (fast mode: a random projection of the Jacobian; full one below)."""
     s, t = leaf(randn(shape, 1)), leaf(randn(shape, 2))
     assert stores_coupling(s, t) == (shape[1] == 3)
     assert torch.autograd.gradcheck(fused, (s, t), fast_mode=True)
+
+
+def test_gradcheck_fp64_full_jacobian():
+    s, t = leaf(randn((2, 2, 1, 2), 1)), leaf(randn((2, 2, 1, 2), 2))  # coupling stored
+    assert stores_coupling(s, t)
+    assert torch.autograd.gradcheck(fused, (s, t))
 
 
 def test_module_embeds_the_student():
