@@ -16,9 +16,10 @@ column-window sums of every row are d [BLOCK_C * BLOCK_H, BLOCK_W] @ in_col [BLO
 the rows in each slot's row window; the backward's pooled term is (coef * in_row) [BLOCK_C * BLOCK_H, SLOTS]
 @ in_col^T.  Dots: ieee for fp32/fp64 inputs, tf32x3 (about fp32 accuracy; the 0/1 operand is exact) for 16-bit.
 
-Kernels, per (sample n, block of channels), whole planes (tiles of [BLOCK_C, BLOCK_H, BLOCK_W], looping):
+Kernels, per (sample n, block of BLOCK_C channels), whole planes in tiles of BLOCK_R = BLOCK_C * BLOCK_H map
+rows (row r: channel r // BLOCK_H, map row r % BLOCK_H of the block) by BLOCK_W columns:
   hcl_forward_kernel   reads f_s and f_t once; writes the program's partial loss and, if SAVE, the pooled
-                       means P (fp32, [N, C, 21 - FIRST_SLOT])
+                       means P (fp32, fp64 for fp64 inputs; [N, C, 21 - FIRST_SLOT])
   hcl_backward_kernel  reads P (or, if not SAVE, recomputes it in a first pass over f_s and f_t), then reads
                        f_s and f_t once more and writes
                            dL/df_s = -dL/df_t = 2 g (w0 d + sum over the windows k holding the element of w_l P_k / |k|)
@@ -198,6 +199,7 @@ def hcl_backward_kernel(
             if GRAD_T:
                 tl.store(gt_ptr + n * stride_gtn + _tile_offsets(c, h, cols, stride_gtc, stride_gth, stride_gtw),
                          (-grad).to(gt_ptr.dtype.element_ty), mask=mask)
+
 
 def first_slot(H):
     """The first window slot present: ReviewKD pools to l x l for l in (4, 2, 1) with l < H."""

@@ -9,7 +9,8 @@ Backward (g = 2 * scale * incoming gradient; pi_i = [||G_i|| >= eps]):
     a_s = (1 - pi_s sigma_s) / d_s^2,  a_t = (1 + pi_t sigma_t) / d_t^2,  b = 1 / (d_s d_t),
     sigma_s = sum_j A_s D, sigma_t = sum_j A_t D (per row, from the forward);  dL/dG_t = g (diag(a_t) G_t - diag(b) G_s)
     dL/dF = (dL/dG + dL/dG^T) F = M F,  M_s[i, j] = g ((a_s,i + a_s,j) G_s,ij - (b_i + b_j) G_t,ij)   (G symmetric)
-M is either stored ([N, C, C] fp32, when that is no larger than an input: C^2 * 4 <= C L * element size), or
+M is either stored ([N, C, C] fp32, when that is no larger than an input: C^2 * 4 <= C L * element size; 8 for
+fp64), or
 recomputed tile by tile from the Gram tiles inside the gradient kernel.
 
 Dots take fp32 operands (fp64 for fp64 inputs): "tf32" for 16-bit inputs (exact products: a 16-bit value fits
@@ -22,7 +23,8 @@ Kernels:
                         (a_s, a_t, b) [N, C, 3]
   ickd_coupling_kernel  per (sample, row block, column block): one Gram tile pair; writes M_s and/or M_t there
   ickd_grad_kernel      per (sample, row block, block of L): writes dL/dF_s and/or dL/dF_t = M F on the block,
-                        M loaded (STORED) or recomputed from Gram tiles (then F is read C / BLOCK_M times more)
+                        reading M's rows (STORED) or recomputing them from Gram tiles (then each program reads
+                        its rows and all of F_s and F_t: chosen only where M would outgrow an input, small maps)
 In-sample offsets are int32 (the launcher checks the span), the sample offset int64.
 """
 import torch
