@@ -65,7 +65,7 @@ def _gram_tiles(s_base, t_base, rows, cols, C, L, stride_sc, stride_sl, stride_t
 @triton.jit
 def ickd_forward_kernel(
     s_ptr, t_ptr, loss_ptr, coef_ptr, C, L, stride_sn, stride_sc, stride_sl, stride_tn, stride_tc, stride_tl,
-        eps: tl.float64,
+    eps: tl.float64,
     PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Per (sample n, block of rows): Gram tiles of the rows against every column block, twice; writes
@@ -128,9 +128,8 @@ def _coupling_tiles(s_base, t_base, coef_n, g, rows, cols, C, L, stride_sc, stri
 
 @triton.jit
 def ickd_coupling_kernel(
-    s_ptr, t_ptr, coef_ptr, grad_loss_ptr, ms_ptr, mt_ptr, C, L, stride_sn, stride_sc, stride_sl, stride_tn,
-        stride_tc, stride_tl,
-    scale: tl.float64,
+    s_ptr, t_ptr, coef_ptr, grad_loss_ptr, ms_ptr, mt_ptr, C, L,
+    stride_sn, stride_sc, stride_sl, stride_tn, stride_tc, stride_tl, scale: tl.float64,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -153,8 +152,8 @@ def ickd_coupling_kernel(
 @triton.jit
 def ickd_grad_kernel(
     s_ptr, t_ptr, coef_ptr, grad_loss_ptr, ms_ptr, mt_ptr, gs_ptr, gt_ptr, C, L,
-    stride_sn, stride_sc, stride_sl, stride_tn, stride_tc, stride_tl, stride_gsn, stride_gsc, stride_gsl, stride_gtn,
-        stride_gtc, stride_gtl, scale: tl.float64,
+    stride_sn, stride_sc, stride_sl, stride_tn, stride_tc, stride_tl,
+    stride_gsn, stride_gsc, stride_gsl, stride_gtn, stride_gtc, stride_gtl, scale: tl.float64,
     STORED: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -173,8 +172,7 @@ def ickd_grad_kernel(
         cols = j0 + tl.arange(0, BLOCK_M)
         if not STORED:
             m_s, m_t = _coupling_tiles(s_base, t_base, coef_ptr + n * C * N_COEF, g, rows, cols, C, L, stride_sc,
-                                       stride_sl,
-                                       stride_tc, stride_tl, PRECISION, ACC, BLOCK_M, BLOCK_K)
+                                       stride_sl, stride_tc, stride_tl, PRECISION, ACC, BLOCK_M, BLOCK_K)
         tile = n * C * C + rows[:, None] * C + cols[None, :]
         tile_ok = (rows < C)[:, None] & (cols < C)[None, :]
         col_ok = (cols < C)[:, None]
@@ -193,12 +191,10 @@ def ickd_grad_kernel(
     mask = (rows < C)[:, None] & l_ok
     if GRAD_S:
         tl.store(gs_ptr + n * stride_gsn + rows[:, None] * stride_gsc + ls[None, :] * stride_gsl,
-                 acc_s.to(gs_ptr.dtype.element_ty),
-                 mask=mask)
+                 acc_s.to(gs_ptr.dtype.element_ty), mask=mask)
     if GRAD_T:
         tl.store(gt_ptr + n * stride_gtn + rows[:, None] * stride_gtc + ls[None, :] * stride_gtl,
-                 acc_t.to(gt_ptr.dtype.element_ty),
-                 mask=mask)
+                 acc_t.to(gt_ptr.dtype.element_ty), mask=mask)
 
 
 def tiles(C, L):
