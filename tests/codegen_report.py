@@ -42,7 +42,9 @@ def _gram(tiles):
     return {k: v for k, v in _tiles(tiles).items() if k != "BLOCK_L"}
 
 # kernel, runtime signature, constexprs[, launch]: bf16 rows get 4096-column blocks and 8 warps unless the
-# constexprs fix their own tile (BLOCK_R, as DIST's tile kernels) or `launch` gives num_warps.
+# constexprs fix their own tile (BLOCK_R, as DIST's tile kernels) or `launch` gives num_warps.  launch
+# "ldg128": False marks kernels that cannot use 128-bit loads by nature: RKD's work on small tiles of
+# [N, N] fp64 matrices (L2-resident) with one or two elements per thread.
 CASES = {
     "kl_forward": (
         kernels.kl.kl_forward_kernel,
@@ -139,27 +141,27 @@ CASES = {
         rkd_kernels.sqdist_kernel,
         {"e_ptr": "*bf16", "r_ptr": "*fp64", "N": "i32", "D": "i32", **_strides("stride_n"), "stride_d": "constexpr"},
         {"ACC": tl.float64, "stride_d": 1, "BLOCK_N": rkd_kernels.SQDIST_BLOCK_N, "BLOCK_D": rkd_kernels.SQDIST_BLOCK_D},
-        {"num_warps": rkd_kernels.SQDIST_WARPS},
+        {"num_warps": rkd_kernels.SQDIST_WARPS, "ldg128": False},
     ),
     "rkd_sqdist_backward": (
         rkd_kernels.sqdist_backward_kernel,
         {"e_ptr": "*bf16", "g_ptr": "*fp64", "de_ptr": "*bf16", "N": "i32", "D": "i32", **_strides("stride_n"),
          "stride_d": "constexpr"},
         {"stride_d": 1, "BLOCK_N": rkd_kernels.SQDIST_BLOCK_N, "BLOCK_D": rkd_kernels.SQDIST_BLOCK_D},
-        {"num_warps": rkd_kernels.SQDIST_WARPS},
+        {"num_warps": rkd_kernels.SQDIST_WARPS, "ldg128": False},
     ),
     "rkd_angle_forward": (
         rkd_kernels.angle_forward_kernel,
         {"rs_ptr": "*fp64", "rt_ptr": "*fp64", "partial_ptr": "*fp32", "N": "i32"},
         {"BLOCK_XY": rkd_kernels.ANGLE_BLOCK_XY, "BLOCK_Z": rkd_kernels.ANGLE_BLOCK_Z},
-        {"num_warps": rkd_kernels.ANGLE_WARPS},
+        {"num_warps": rkd_kernels.ANGLE_WARPS, "ldg128": False},
     ),
     "rkd_angle_backward": (
         rkd_kernels.angle_backward_kernel,
         {"rs_ptr": "*fp64", "rt_ptr": "*fp64", "grad_loss_ptr": "*fp32", "gs_ptr": "*fp64", "gt_ptr": "*fp64",
          "N": "i32", "inv_count": "fp64"},
         {"GRAD_S": True, "GRAD_T": True, "BLOCK_XY": rkd_kernels.ANGLE_BLOCK_XY, "BLOCK_Z": rkd_kernels.ANGLE_BLOCK_Z},
-        {"num_warps": rkd_kernels.ANGLE_WARPS},
+        {"num_warps": rkd_kernels.ANGLE_WARPS, "ldg128": False},
     ),
     "crd_nce": (
         crd_kernels.crd_nce_kernel,
@@ -262,7 +264,7 @@ def report():
             r = compile_report(kernel, signature, meta, arch=arch, num_warps=launch.get("num_warps", 4) if own_tile
                                else num_warps, divisibility=divisibility)
             out[f"{name}@sm_{arch}"] = {"registers": r.registers, "spill_bytes": r.spill_bytes,
-                                        "ldg128": r.has_128bit_loads}
+                                        "ldg128": r.has_128bit_loads, "ldg128_expected": launch.get("ldg128", True)}
     return out
 
 
