@@ -28,6 +28,7 @@ import triton.language as tl
 from .common import tl_acc_dtype
 
 SQUARE, ABS, ODD, REAL = (tl.constexpr(kind) for kind in range(4))  # POWER: how pow(x) is computed
+POWERS = {"square": SQUARE, "abs": ABS, "odd": ODD, "real": REAL}  # the launchers' names for them
 N_STATS = tl.constexpr(5)  # per sample: ||q_s||, ||q_t||, sigma_s, sigma_t, dist (sum d^2 or ||d||)
 TILE = 4096  # elements of f per program and step
 MAX_BLOCK_L = 128
@@ -221,7 +222,7 @@ def empty_like_samples(f3):
     return torch.empty(N, C, L, dtype=f3.dtype, device=f3.device)
 
 
-def at_map(f, p, power_kind, scale):
+def at_map(f, p, power, scale):
     """q [N, L] (fp32; fp64 for fp64 f) = scale * sum_c pow(f) of a feature map [N, C, H, W]."""
     f3 = as_samples(f)
     N, C, L = f3.shape
@@ -229,18 +230,18 @@ def at_map(f, p, power_kind, scale):
     q = torch.empty(N, L, dtype=acc, device=f.device)
     tiles = map_tiles(C, L)
     at_map_kernel[(N, triton.cdiv(L, tiles["BLOCK_L"]))](
-        f3, q, C, L, *f3.stride(), float(p), float(scale), POWER=power_kind, ACC=tl_acc_dtype(f.dtype), **tiles)
+        f3, q, C, L, *f3.stride(), float(p), float(scale), POWER=POWERS[power], ACC=tl_acc_dtype(f.dtype), **tiles)
     return q
 
 
-def at_map_grad(f, dq, p, power_kind, scale):
+def at_map_grad(f, dq, p, power, scale):
     """dL/df [N, C, H, W] (f's dtype and memory format) from dL/dq [N, L]."""
     f3 = as_samples(f)
     N, C, L = f3.shape
     df3 = empty_like_samples(f3)
     tiles = map_tiles(C, L)
     at_map_grad_kernel[(N, triton.cdiv(L, tiles["BLOCK_L"]))](
-        f3, dq.contiguous(), df3, C, L, *f3.stride(), *df3.stride(), float(p), float(scale), POWER=power_kind,
+        f3, dq.contiguous(), df3, C, L, *f3.stride(), *df3.stride(), float(p), float(scale), POWER=POWERS[power],
         ACC=tl_acc_dtype(f.dtype, dq.dtype), **tiles)
     return df3.view(f.shape)
 

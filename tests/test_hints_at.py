@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastkd
+from fastkd.hints import at as at_module
 from fastkd.hints.at import AT, at_loss, at_loss_reference
 from fastkd.traffic import OpLog
 from helpers import leaf, randn, rel_err
@@ -164,3 +165,29 @@ def test_no_temporary_as_large_as_an_input_and_no_host_sync():
     with OpLog() as eager:
         torch.autograd.grad(at_loss_reference(s, t), (s, t))
     assert len([1 for _, outs in eager.ops for x in outs if x.numel() * x.element_size() >= smallest]) >= 4
+
+
+
+def test_torch_compile_fullgraph_and_opcheck():
+    """The custom ops' fake implementations and autograd: a fullgraph-compiled loss and backward (AOTAutograd) equal
+    eager, and torch.library.opcheck passes on every op (fp64)."""
+    torch._dynamo.reset()
+    s, t = randn((2, 3, 6, 6), 1), randn((2, 4, 3, 3), 2)
+    eager, compiled = [leaf(s), leaf(t)], [leaf(s), leaf(t)]
+    with fastkd.use_backend("triton"):
+        loss = at_loss(*eager, p=3.0)
+        compiled_loss = torch.compile(lambda a, b: at_loss(a, b, p=3.0), backend="aot_eager", fullgraph=True)(*compiled)
+    assert torch.allclose(compiled_loss, loss, rtol=1e-12)
+    for a, b in zip(torch.autograd.grad(compiled_loss, compiled), torch.autograd.grad(loss, eager)):
+        assert torch.allclose(a, b, rtol=1e-12)
+    t = randn((2, 4, 6, 6), 2)
+    q_s, q_t = at_module.at_map(s, 3.0, "odd", 1 / 3), at_module.at_map(t, 3.0, "odd", 1 / 4)
+    _, stats = at_module.at_distance(q_s, q_t, 1e-12, 0.05, False)
+    for op, args in [
+        (at_module.at_map, (leaf(s.to(memory_format=torch.channels_last)), 3.0, "odd", 1 / 3)),
+        (at_module.at_map_backward, (torch.rand_like(q_s), s, 3.0, "odd", 1 / 3)),
+        (at_module.at_distance, (leaf(q_s), leaf(q_t), 1e-12, 0.05, True)),
+        (at_module.at_distance_backward, (torch.rand(2, dtype=s.dtype), q_s, q_t, stats, 1e-12, 0.05, False, True,
+                                          True)),
+    ]:
+        torch.library.opcheck(op, args)

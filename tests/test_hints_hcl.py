@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastkd
+from fastkd.hints import hcl as hcl_module
 from fastkd.hints.hcl import HCL, hcl_loss, hcl_loss_reference
 from fastkd.kernels.hcl import saves_pooled
 from fastkd.traffic import OpLog
@@ -145,3 +146,22 @@ def test_no_temporary_as_large_as_an_input_and_no_host_sync():
     with OpLog() as eager:
         torch.autograd.grad(hcl_loss_reference(s, t), (s, t))
     assert len([1 for _, outs in eager.ops for x in outs if x.numel() * x.element_size() >= size]) >= 4
+
+
+def test_torch_compile_fullgraph_and_opcheck():
+    """The custom ops' fake implementations and autograd: a fullgraph-compiled loss and backward (AOTAutograd) equal
+    eager, and torch.library.opcheck passes on both ops, means saved or not (fp64)."""
+    torch._dynamo.reset()
+    s, t = randn((2, 3, 6, 6), 1), randn((2, 3, 6, 6), 2)
+    eager, compiled = [leaf(s), leaf(t)], [leaf(s), leaf(t)]
+    with fastkd.use_backend("triton"):
+        loss = hcl_loss(*eager)
+        compiled_loss = torch.compile(hcl_loss, backend="aot_eager", fullgraph=True)(*compiled)
+    assert torch.allclose(compiled_loss, loss, rtol=1e-12)
+    for a, b in zip(torch.autograd.grad(compiled_loss, compiled), torch.autograd.grad(loss, eager)):
+        assert torch.allclose(a, b, rtol=1e-12)
+    g = torch.tensor(1.5, dtype=torch.float64)
+    for s, t in ((s, t), (randn((2, 3, 5, 3), 1), randn((2, 3, 5, 3), 2))):
+        _, pooled = hcl_module.hcl_stage(s, t)
+        torch.library.opcheck(hcl_module.hcl_stage, (leaf(s), leaf(t)))
+        torch.library.opcheck(hcl_module.hcl_stage_backward, (g, s, t, pooled, True, True))

@@ -96,16 +96,13 @@ def at_loss_reference(f_s, f_t, *, p=2.0, mode="code"):
     return total
 
 
-def _power_kind(p, mode):
-    """How the kernels compute f^p (kernels/at.py: SQUARE, ABS, ODD or REAL), as an int."""
-    k = _kernels()
+def _power(p, mode):
+    """How the kernels compute f^p (kernels/at.py POWERS): x^2, |x|^p, sign(x) |x|^p or x^p (NaN for x < 0)."""
     if p == 2.0:
-        kind = k.SQUARE
-    elif mode == "paper" or (p.is_integer() and int(p) % 2 == 0):
-        kind = k.ABS
-    else:
-        kind = k.ODD if p.is_integer() else k.REAL
-    return kind.value
+        return "square"
+    if mode == "paper" or (p.is_integer() and int(p) % 2 == 0):
+        return "abs"
+    return "odd" if p.is_integer() else "real"
 
 
 def at_loss(f_s, f_t, *, p=2.0, mode="code"):
@@ -116,13 +113,13 @@ def at_loss(f_s, f_t, *, p=2.0, mode="code"):
     pairs, p = _check(f_s, f_t, p, mode)
     if resolve(pairs[0][0]) == "reference":
         return at_loss_reference(f_s, f_t, p=p, mode=mode)
-    kind, paper = _power_kind(p, mode), mode == "paper"
+    power, paper = _power(p, mode), mode == "paper"
     total = 0
     for s, t in zip(*pairs):
         s, t = _aligned(s, t)
         N, L = s.shape[0], s.shape[2] * s.shape[3]
-        q_s = at_map(s, p, kind, 1.0 if paper else 1.0 / s.shape[1])
-        q_t = at_map(t, p, kind, 1.0 if paper else 1.0 / t.shape[1])
+        q_s = at_map(s, p, power, 1.0 if paper else 1.0 / s.shape[1])
+        q_t = at_map(t, p, power, 1.0 if paper else 1.0 / t.shape[1])
         if q_s.dtype != q_t.dtype:  # one fp64 input: compare in fp64
             q_s, q_t = q_s.double(), q_t.double()
         rows, _ = at_distance(q_s, q_t, EPS, 1.0 / N if paper else 1.0 / (N * L), paper)
@@ -149,34 +146,35 @@ def _acc_like(x):
 
 
 @torch.library.custom_op("fastkd::at_map", mutates_args=())
-def at_map(f: Tensor, p: float, power_kind: int, scale: float) -> Tensor:
-    """q [N, H W] = scale * sum over channels of pow(f), f [N, C, H, W] (fp32; fp64 for fp64 f)."""
-    return _kernels().at_map(f, p, power_kind, scale)
+def at_map(f: Tensor, p: float, power: str, scale: float) -> Tensor:
+    """q [N, H W] = scale * sum over channels of pow(f), f [N, C, H, W] (fp32; fp64 for fp64 f); `power` names
+    how f^p is computed (kernels/at.py POWERS)."""
+    return _kernels().at_map(f, p, power, scale)
 
 
 @at_map.register_fake
-def _(f, p, power_kind, scale):
+def _(f, p, power, scale):
     return f.new_empty(f.shape[0], f.shape[2] * f.shape[3], dtype=_acc_like(f))
 
 
 @torch.library.custom_op("fastkd::at_map_backward", mutates_args=())
-def at_map_backward(grad_q: Tensor, f: Tensor, p: float, power_kind: int, scale: float) -> Tensor:
-    return _kernels().at_map_grad(f, grad_q, p, power_kind, scale)
+def at_map_backward(grad_q: Tensor, f: Tensor, p: float, power: str, scale: float) -> Tensor:
+    return _kernels().at_map_grad(f, grad_q, p, power, scale)
 
 
 @at_map_backward.register_fake
-def _(grad_q, f, p, power_kind, scale):
+def _(grad_q, f, p, power, scale):
     return torch.empty_like(f)
 
 
 def _map_setup(ctx, inputs, output):
-    f, ctx.p, ctx.power_kind, ctx.scale = inputs
+    f, ctx.p, ctx.power, ctx.scale = inputs
     ctx.save_for_backward(f)
 
 
 def _map_grad(ctx, grad_q):
     (f,) = ctx.saved_tensors
-    return at_map_backward(grad_q, f, ctx.p, ctx.power_kind, ctx.scale), None, None, None
+    return at_map_backward(grad_q, f, ctx.p, ctx.power, ctx.scale), None, None, None
 
 
 at_map.register_autograd(_map_grad, setup_context=_map_setup)
