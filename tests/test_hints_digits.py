@@ -117,6 +117,6 @@ def test_fused_and_reference_training_agree(digits, teacher, monkeypatch):
     reference = distil("reference", digits, teacher)
     assert fused_launches >= 2 * STEPS and len(launches) == fused_launches  # AT's kernels ran on one side only
     rel = ((fused - reference).abs() / reference.abs()).max()
-    assert rel <= 1e-4, (rel, fused, reference)
+    assert rel <= 1e-10, (rel, fused, reference)  # fp64: agreement to rounding (1e-4 is the bar asked for)
     assert torch.isfinite(fused).all()
     assert fused[-5:].mean() < 0.5 * fused[:5].mean(), fused  # the student learns
