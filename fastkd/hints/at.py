@@ -7,7 +7,7 @@ Default, mode="code": the authors' code (szagoruyko/attention-transfer utils.py)
     stage loss = mean over n and the H W positions of (a(f_s) - a(f_t))^2
 and the loss of a list of stages is their sum.  p = 2.
 Variant mode="paper", Eq. (2) of the paper: q = sum over channels of |f|^p, stage loss = mean over the batch of
-||a(f_s)[n] - a(f_t)[n]||_2 (the distance, not squared; torchdistill's ATLoss mode="paper" computes the same).
+||a(f_s)[n] - a(f_t)[n]||_2 (the distance, not squared; torchdistill's ATLoss mode="paper" computes this for p = 2).
 Eq. (2) weights the stage distances by beta / 2: pass that as the module's weight.
 
 Student and teacher may differ in channels.  When their spatial sizes differ, the larger map is adaptive-average
