@@ -1,8 +1,8 @@
 """fastkd: fused Triton kernels for knowledge-distillation losses.
 
-Functional API (`fastkd.functional`): softmax, log_softmax, kl_div, jsd, dkd, dist, sparse_kl_div, sparse_jsd.  Modules: KLDiv, JSD,
-DKD, DIST.  Chunked fused-linear losses (`fastkd.linear`): linear_kl_div, linear_jsd, linear_dkd and their modules.
-Hint (feature) losses: `fastkd.hints`.  Drop-ins for TRL and torchtune: `fastkd.adapters`.
+Functional API (`fastkd.functional`): softmax, log_softmax, kl_div, jsd, dkd, dist, sparse_kl_div, sparse_jsd.
+Modules: KLDiv, JSD, DKD, DIST.  Chunked fused-linear losses (`fastkd.linear`): linear_kl_div, linear_jsd,
+linear_dkd and their modules.  Hint (feature) losses: `fastkd.hints`.  Drop-ins for TRL and torchtune: `fastkd.adapters`.
 Eager references with the same signatures: `fastkd.reference`.  Backend choice: `fastkd.use_backend`.
 """
 import os as _os

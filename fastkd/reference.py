@@ -192,3 +192,6 @@ from .hints.ickd import ickd_loss_reference as ickd_loss  # noqa: E402
 from .hints.pkt import pkt_loss_reference as pkt_loss  # noqa: E402
 from .hints.rkd import rkd_loss_reference as rkd_loss  # noqa: E402
 from .hints.sp import sp_loss_reference as sp_loss  # noqa: E402
+
+__all__ = ["at_loss", "cc_loss", "crd_loss", "dist", "dkd", "fitnet_loss", "hcl_loss", "ickd_loss", "jsd", "kl_div",
+           "log_softmax", "pkt_loss", "rkd_loss", "softmax", "sp_loss", "sparse_jsd", "sparse_kl_div"]

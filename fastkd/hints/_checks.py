@@ -1,4 +1,4 @@
-"""Argument checks shared by the hint losses: a clear error that names the argument."""
+"""Argument checks shared by the hint losses (a clear error that names the argument), and their accumulation dtype."""
 import torch
 
 from .._checks import FLOAT_DTYPES
@@ -47,3 +47,12 @@ def stages(f_s, f_t, names=("f_s", "f_t")):
         raise ValueError(f"{names[0]} and {names[1]} must list the same non-zero number of stages, got {len(f_s)} "
                          f"and {len(f_t)}")
     return list(f_s), list(f_t)
+
+
+def acc_dtype(*xs):
+    """float64 when an input is float64, else float32: the precision a hint loss is computed and returned in."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def upcast(x):
+    return x.to(acc_dtype(x))

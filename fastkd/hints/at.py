@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .._checks import check_number
 from ..backend import resolve
-from ._checks import check_pair, stages
+from ._checks import acc_dtype, check_pair, stages, upcast
 
 MODES = ("code", "paper")
 EPS = 1e-12  # F.normalize's
@@ -76,10 +76,6 @@ def _aligned(s, t):
     return s, t
 
 
-def _upcast(x):
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def _attention(f, p, mode):
     q = f.abs().pow(p).sum(1) if mode == "paper" else f.pow(p).mean(1)
     return F.normalize(q.flatten(1), eps=EPS)
@@ -90,7 +86,7 @@ def at_loss_reference(f_s, f_t, *, p=2.0, mode="code"):
     pairs, p = _check(f_s, f_t, p, mode)
     total = 0
     for s, t in zip(*pairs):
-        s, t = _aligned(_upcast(s), _upcast(t))
+        s, t = _aligned(upcast(s), upcast(t))
         diff = _attention(s, p, mode) - _attention(t, p, mode)
         total = total + (diff.norm(dim=1).mean() if mode == "paper" else diff.pow(2).mean())
     return total
@@ -141,9 +137,6 @@ class AT(nn.Module):
 
 # -- custom ops -----------------------------------------------------------------------------------
 
-def _acc_like(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
 
 @torch.library.custom_op("fastkd::at_map", mutates_args=())
 def at_map(f: Tensor, p: float, power: str, scale: float) -> Tensor:
@@ -154,7 +147,7 @@ def at_map(f: Tensor, p: float, power: str, scale: float) -> Tensor:
 
 @at_map.register_fake
 def _(f, p, power, scale):
-    return f.new_empty(f.shape[0], f.shape[2] * f.shape[3], dtype=_acc_like(f))
+    return f.new_empty(f.shape[0], f.shape[2] * f.shape[3], dtype=acc_dtype(f))
 
 
 @torch.library.custom_op("fastkd::at_map_backward", mutates_args=())

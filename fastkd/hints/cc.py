@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_number
-from ._checks import check_pair, stages
+from ._checks import check_pair, stages, upcast
 
 FORMS = ("embedding", "taylor")
 
@@ -47,11 +47,6 @@ def _check(f_s, f_t, form, gamma, order):
     return pairs
 
 
-def _upcast(x):
-    """fp32 for 16- and 32-bit inputs, fp64 for fp64: the precision the loss is computed and returned in."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def _taylor_coefficients(gamma, order):
     """exp(-2 gamma) (2 gamma)^p / p! for p = 0..order."""
     return [math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) for p in range(order + 1)]
@@ -61,7 +56,7 @@ def cc_loss_reference(f_s, f_t, *, form="embedding", gamma=0.4, order=2):
     """The definition, one sample (embedding form) or one row of the kernel matrices (Taylor form) at a time."""
     total = 0
     for s, t in zip(*_check(f_s, f_t, form, gamma, order)):
-        s, t = _upcast(s), _upcast(t)
+        s, t = upcast(s), upcast(t)
         n = s.shape[0]
         if form == "embedding":
             delta = [(s[i] - t[i]).abs() for i in range(n)]
@@ -82,7 +77,7 @@ def cc_loss_reference(f_s, f_t, *, form="embedding", gamma=0.4, order=2):
 
 def _kernel(f, coeffs):
     """K = sum_p coeffs[p] * S^p (elementwise powers of the cosine matrix S), by Horner's rule."""
-    unit = F.normalize(_upcast(f), dim=1)
+    unit = F.normalize(upcast(f), dim=1)
     cos = unit @ unit.T
     k = torch.full_like(cos, coeffs[-1])
     for c in reversed(coeffs[:-1]):
@@ -97,7 +92,7 @@ def cc_loss(f_s, f_t, *, form="embedding", gamma=0.4, order=2):
     total = 0
     for s, t in zip(*_check(f_s, f_t, form, gamma, order)):
         if form == "embedding":
-            delta = (_upcast(s) - _upcast(t)).abs()
+            delta = (upcast(s) - upcast(t)).abs()
             total = total + (delta[:-1] * delta[1:]).sum(1).mean()
         else:
             coeffs = _taylor_coefficients(gamma, order)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .. import backend
 from .._checks import FLOAT_DTYPES, check_number, check_temperature
-from ._checks import check_features, check_pair
+from ._checks import acc_dtype, check_features, check_pair
 
 EPS = 1e-7  # the code's eps in ContrastLoss
 MAX_D = 4096  # as kernels/crd.py (not imported here: importing it imports Triton)
@@ -40,10 +40,6 @@ def _kernels():
     return importlib.import_module("fastkd.kernels.crd")
 
 
-def _acc(*xs):
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-
-
 # -- custom ops ------------------------------------------------------------------------------------
 
 @torch.library.custom_op("fastkd::crd_nce", mutates_args=())
@@ -52,12 +48,13 @@ def crd_nce(v: Tensor, bank: Tensor, idx: Tensor, z: Tensor, temperature: float,
     """One side's ContrastLoss of v [N, D] against bank[idx] with normaliser z -> (loss, d loss / d v, the
     latter computed in the same pass when need_grad, else empty), both fp32 (fp64 for fp64 inputs)."""
     loss, grad = _kernels().nce(v, bank, idx, z, temperature, need_grad)
-    return loss, grad if need_grad else v.new_empty(_EMPTY, dtype=_acc(v, bank))
+    return loss, grad if need_grad else v.new_empty(_EMPTY, dtype=acc_dtype(v, bank))
 
 
 @crd_nce.register_fake
 def _(v, bank, idx, z, temperature, need_grad):
-    return v.new_empty((), dtype=_acc(v, bank)), v.new_empty(v.shape if need_grad else _EMPTY, dtype=_acc(v, bank))
+    acc = acc_dtype(v, bank)
+    return v.new_empty((), dtype=acc), v.new_empty(v.shape if need_grad else _EMPTY, dtype=acc)
 
 
 def _nce_setup(ctx, inputs, output):
@@ -82,7 +79,7 @@ def crd_exp_sum(v: Tensor, bank: Tensor, idx: Tensor, temperature: float) -> Ten
 
 @crd_exp_sum.register_fake
 def _(v, bank, idx, temperature):
-    return v.new_empty((), dtype=_acc(v, bank))
+    return v.new_empty((), dtype=acc_dtype(v, bank))
 
 
 # -- checks ---------------------------------------------------------------------------------------
@@ -117,7 +114,7 @@ def _normaliser_tensor(z, name, like):
         if z.device != like.device:
             raise ValueError(f"{name} must be on the embeddings' device {like.device}, got {z.device}")
         return z.reshape(())
-    return torch.tensor(check_number(z, name, 0.0, math.inf, low_open=True), dtype=_acc(like), device=like.device)
+    return torch.tensor(check_number(z, name, 0.0, math.inf, low_open=True), dtype=acc_dtype(like), device=like.device)
 
 
 # -- the loss -------------------------------------------------------------------------------------
@@ -151,7 +148,7 @@ def _check(v_s, v_t, memory_s, memory_t, idx, z_s, z_t, temperature):
 def crd_loss_reference(v_s, v_t, memory_s, memory_t, idx, z_s, z_t, *, temperature=0.07):
     """The code's formulation, eager (fp32; fp64 for fp64 inputs)."""
     z_s, z_t = _check(v_s, v_t, memory_s, memory_t, idx, z_s, z_t, temperature)
-    acc = _acc(v_s, v_t, memory_s)
+    acc = acc_dtype(v_s, v_t, memory_s)
     n_data = memory_s.shape[0]
     return (_contrast_loss(_scores(v_s.to(acc), memory_t, idx, z_s.to(acc), temperature), n_data)
             + _contrast_loss(_scores(v_t.to(acc), memory_s, idx, z_t.to(acc), temperature), n_data))
@@ -183,7 +180,7 @@ def crd_normaliser(v, memory, idx, *, temperature=0.07):
     if backend.resolve(v) == "triton" and v.shape[1] <= MAX_D:
         total = crd_exp_sum(v, memory, idx, temperature)
     else:
-        total = torch.exp(torch.bmm(memory[idx].to(_acc(v, memory)), v.to(_acc(v, memory))[:, :, None])
+        total = torch.exp(torch.bmm(memory[idx].to(acc_dtype(v, memory)), v.to(acc_dtype(v, memory))[:, :, None])
                           / temperature).sum()
     return total / idx.numel() * memory.shape[0]
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_number
-from ._checks import check_pair, stages
+from ._checks import check_pair, stages, upcast
 
 RANKS = (2, 3, 4)
 
@@ -42,16 +42,11 @@ def _check(f_s, f_t):
     return pairs
 
 
-def _upcast(x):
-    """fp32 for 16- and 32-bit inputs, fp64 for fp64: the precision the loss is computed and returned in."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def fitnet_loss_reference(f_s, f_t):
     """Sum over stages of (1 / numel) * sum_i ||f_s[i] - f_t[i]||^2, one sample i at a time."""
     total = 0
     for s, t in zip(*_check(f_s, f_t)):
-        squares = [((_upcast(s[i]) - _upcast(t[i])) ** 2).sum() for i in range(s.shape[0])]
+        squares = [((upcast(s[i]) - upcast(t[i])) ** 2).sum() for i in range(s.shape[0])]
         total = total + torch.stack(squares).sum() / s.numel()
     return total
 
@@ -59,7 +54,7 @@ def fitnet_loss_reference(f_s, f_t):
 def fitnet_loss(f_s, f_t):
     """FitNet hint loss: sum over stages of mean((f_s - f_t)^2); f_s, f_t: tensors of the same shape ([N, C, H, W],
     [N, C, L] or [N, D]) or equally long lists of them.  Returns a 0-dim fp32 loss (fp64 for fp64 inputs)."""
-    return sum(F.mse_loss(_upcast(s), _upcast(t)) for s, t in zip(*_check(f_s, f_t)))
+    return sum(F.mse_loss(upcast(s), upcast(t)) for s, t in zip(*_check(f_s, f_t)))
 
 
 class ConvReg(nn.Module):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backend import resolve
-from ._checks import check_pair, stages
+from ._checks import acc_dtype, check_pair, stages
 
 DIVISORS = ("C*N", "C*N*N")
 EPS = 1e-12  # F.normalize's
@@ -88,9 +88,6 @@ class ICKD(nn.Module):
 
 # -- custom ops -----------------------------------------------------------------------------------
 
-def _acc(f_s, f_t):
-    return torch.float64 if torch.float64 in (f_s.dtype, f_t.dtype) else torch.float32
-
 
 @torch.library.custom_op("fastkd::ickd_stage", mutates_args=())
 def ickd_stage(f_s: Tensor, f_t: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -100,7 +97,8 @@ def ickd_stage(f_s: Tensor, f_t: Tensor, scale: float) -> tuple[Tensor, Tensor]:
 
 @ickd_stage.register_fake
 def _(f_s, f_t, scale):
-    return f_s.new_empty((), dtype=_acc(f_s, f_t)), f_s.new_empty(f_s.shape[0], f_s.shape[1], 3, dtype=_acc(f_s, f_t))
+    acc = acc_dtype(f_s, f_t)
+    return f_s.new_empty((), dtype=acc), f_s.new_empty(f_s.shape[0], f_s.shape[1], 3, dtype=acc)
 
 
 @torch.library.custom_op("fastkd::ickd_stage_backward", mutates_args=())

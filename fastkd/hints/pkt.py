@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .._checks import check_number
-from ._checks import check_pair, stages
+from ._checks import check_pair, stages, upcast
 
 REDUCTIONS = ("mean", "batchmean")
 
@@ -43,11 +43,6 @@ def _check(f_s, f_t, eps, reduction):
     return pairs
 
 
-def _upcast(x):
-    """fp32 for 16- and 32-bit inputs, fp64 for fp64: the precision the loss is computed and returned in."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def _reduce(kl_sum, n, reduction):
     return kl_sum / (n * n if reduction == "mean" else n)
 
@@ -59,7 +54,7 @@ def pkt_loss_reference(f_s, f_t, *, eps=1e-7, reduction="mean"):
     for s, t in zip(*_check(f_s, f_t, eps, reduction)):
         n = s.shape[0]
         q = []
-        for f in (_upcast(s), _upcast(t)):
+        for f in (upcast(s), upcast(t)):
             scale = f.pow(2).sum(1).sqrt() + eps
             rows = []
             for i in range(n):
@@ -74,7 +69,7 @@ def pkt_loss_reference(f_s, f_t, *, eps=1e-7, reduction="mean"):
 
 def _conditional(f, eps):
     """q_{j|i}: the cosine kernel of the rows of f, scaled to [0, 1], rows normalised to sum 1."""
-    f = _upcast(f)
+    f = upcast(f)
     unit = f / (torch.linalg.vector_norm(f, dim=1, keepdim=True) + eps)
     unit = torch.where(torch.isnan(unit), 0.0, unit)
     p = (unit @ unit.T + 1) / 2

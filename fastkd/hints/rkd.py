@@ -29,17 +29,13 @@ from torch import Tensor, nn
 
 from .. import backend
 from .._checks import check_number
-from ._checks import check_pair
+from ._checks import acc_dtype, check_pair
 
 _EMPTY = ()
 
 
 def _kernels():
     return importlib.import_module("fastkd.kernels.rkd")
-
-
-def _acc(*xs):
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 # -- custom ops: squared distances and the angle loss ------------------------------------------------
@@ -158,7 +154,7 @@ def rkd_loss_reference(f_s, f_t, *, distance_weight=25.0, angle_weight=50.0, squ
     """The code's formulation, eager (fp32; fp64 for fp64 inputs): squared distances from the Gram matrix,
     angles from the normalised [N, N, D] differences."""
     e_s, e_t = _embeddings(f_s, f_t, distance_weight, angle_weight, squared, eps)
-    e_s, e_t = e_s.to(_acc(e_s, e_t)), e_t.to(_acc(e_s, e_t))
+    e_s, e_t = e_s.to(acc_dtype(e_s, e_t)), e_t.to(acc_dtype(e_s, e_t))
     loss = e_s.new_zeros(())
     if distance_weight:
         r_s, r_t = ((e * e).sum(1)[:, None] + (e * e).sum(1)[None, :] - 2 * e @ e.T for e in (e_s, e_t))
@@ -176,7 +172,7 @@ def rkd_loss(f_s, f_t, *, distance_weight=25.0, angle_weight=50.0, squared=False
     if backend.resolve(e_s) != "triton":
         return rkd_loss_reference(f_s, f_t, distance_weight=distance_weight, angle_weight=angle_weight,
                                   squared=squared, eps=eps)
-    dtype = _acc(e_s, e_t)
+    dtype = acc_dtype(e_s, e_t)
     r_s, r_t = rkd_sqdist(e_s), rkd_sqdist(e_t)
     loss = r_s.new_zeros((), dtype=dtype)
     if distance_weight:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_number
-from ._checks import check_pair, stages
+from ._checks import check_pair, stages, upcast
 
 NORMALIZE = ("row", "matrix")
 
@@ -39,18 +39,13 @@ def _check(f_s, f_t, normalize):
     return pairs
 
 
-def _upcast(x):
-    """fp32 for 16- and 32-bit inputs, fp64 for fp64: the precision the loss is computed and returned in."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def sp_loss_reference(f_s, f_t, *, normalize="row"):
     """The definition, one row of the Gram matrices at a time, on the features flattened in logical order."""
     total = 0
     for s, t in zip(*_check(f_s, f_t, normalize)):
         n = s.shape[0]
         grams = []
-        for f in (_upcast(s).reshape(n, -1), _upcast(t).reshape(n, -1)):
+        for f in (upcast(s).reshape(n, -1), upcast(t).reshape(n, -1)):
             g = torch.stack([(f * f[i]).sum(1) for i in range(n)])
             scale = g.pow(2).sum(1, keepdim=True).sqrt() if normalize == "row" else g.pow(2).sum().sqrt()
             grams.append(g / scale.clamp_min(1e-12))
@@ -59,7 +54,7 @@ def sp_loss_reference(f_s, f_t, *, normalize="row"):
 
 
 def _gram(f, normalize):
-    f = _upcast(f)
+    f = upcast(f)
     if f.dim() == 4 and f.is_contiguous(memory_format=torch.channels_last):
         f = f.permute(0, 2, 3, 1)  # contiguous [N, H, W, C]: the same Gram matrix, flattened without a copy
     rows = f.reshape(f.shape[0], -1)
