@@ -24,7 +24,7 @@ def logits(shape, dtype=torch.float32, scale=2.0, seed=0):
 
 def rel_err(a, b, floor=1e-9):
     """Norm-wise relative error of a against the reference b; absolute where |b| < floor (exact zeros)."""
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / max(float(b.norm()), floor))
 
 
