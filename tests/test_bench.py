@@ -4,10 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from fastkd import bench
+from fastkd.bench import timing
+from fastkd.bench.linear import time_linear
 from fastkd.bench.plots import timing_plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,3 +60,39 @@ def test_gpu_check_dry_run():
     assert "FASTKD_TEST_DEVICE=cuda" in done.stdout and "fastkd.bench --quick" in done.stdout
     bad = subprocess.run(["bash", script, "--bogus"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
+
+
+class _Clock:
+    """A stand-in for torch.cuda.Event: wall-clock milliseconds."""
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return 1e3 * (end.t - self.t)
+
+
+@pytest.fixture
+def cpu_as_gpu(monkeypatch):
+    """The GPU timing code on the CPU: CPU tensors, a wall clock for CUDA events, no-op CUDA memory calls."""
+    monkeypatch.setattr(timing, "DEVICE", "cpu")
+    monkeypatch.setattr(torch.cuda, "Event", lambda enable_timing: _Clock())
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    for name in ("memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda: 0)
+
+
+@pytest.mark.interpreter
+def test_gpu_timing_code_path(cpu_as_gpu, tmp_path):
+    """Every row the GPU run writes, fastkd and eager in the three modes and the fused-linear JSD, on tiny CPU
+    shapes (the times mean nothing; the errors are real), then its plot."""
+    rows = timing.time_all([("kl", 4, 64), ("sparse_kl", 4, 100)], torch.float32, 2, set(), list)
+    assert {(r["loss"], r["impl"], r["mode"]) for r in rows} == {
+        (loss, impl, mode) for loss in ("kl", "sparse_kl") for impl in ("fastkd", "eager") for mode in timing.MODES}
+    assert all(r["ms"] > 0 and r["max_rel_err"] <= 1e-5 and r["peak_mb"] == 0 for r in rows)
+    linear = time_linear(8, [50], torch.float32, 2, list, hidden=16)
+    assert [r["impl"] for r in linear] == ["fastkd", "unchunked"]
+    assert all(r["ms"] > 0 and r["max_rel_err"] <= 1e-5 for r in linear)
+    timing_plot(rows + linear, tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes().startswith(b"\x89PNG")

@@ -70,11 +70,11 @@ def errors(fn, dtype, device, rows=64, V=1000, H=64):
 
 def time_linear(rows, vocabs, dtype, reps, progress, hidden=HIDDEN):
     """Rows of the timing table for the fused-linear JSD (forward + backward, CUDA events, median of reps)."""
-    from .timing import median_ms
+    from . import timing
 
     results = []
     for V in progress(vocabs):
-        inputs = linear_inputs(rows, V, hidden, dtype, "cuda")
+        inputs = linear_inputs(rows, V, hidden, dtype, timing.DEVICE)
         for impl, fn in implementations().items():
             row = {"loss": NAME, "rows": rows, "V": V, "dtype": str(dtype).replace("torch.", ""), "impl": impl,
                    "mode": "forward+backward", "hidden": hidden, "gbps": math.nan, "pct_of_copy": math.nan}
@@ -82,12 +82,12 @@ def time_linear(rows, vocabs, dtype, reps, progress, hidden=HIDDEN):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-                row["ms"] = median_ms(lambda *x: step(fn, *x), [inputs], reps)
+                row["ms"] = timing.median_ms(lambda *x: step(fn, *x), [inputs], reps)
                 row["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
             except torch.OutOfMemoryError:
                 row.update(ms=math.nan, peak_mb=math.nan, error="oom")
             torch.cuda.empty_cache()
-            row["max_rel_err"] = max(errors(fn, dtype, "cuda"))
+            row["max_rel_err"] = max(errors(fn, dtype, timing.DEVICE))
             results.append(row)
         del inputs
         torch.cuda.empty_cache()

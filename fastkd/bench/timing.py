@@ -15,6 +15,7 @@ from .losses import LOSSES, TEMPERATURE, call, inputs, model_bytes, rel_err, to_
 
 MODES = ("forward", "backward", "forward+backward")
 ERROR_ROWS = 32
+DEVICE = "cuda"  # the timed device (the tests run this code on the CPU with a stand-in clock)
 L2_SAFE_BYTES = 256 * 2**20  # inputs above this size are not L2-resident anyway: one buffer suffices
 
 
@@ -68,7 +69,7 @@ def median_ms(fn, buffers, reps):
 
 
 def copy_gbps(nbytes, reps):
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE)
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), [()], reps)
     return 2 * nbytes / ms / 1e6
@@ -116,7 +117,7 @@ def max_error(name, fn, dtype):
     """Norm-wise relative error of the loss and student gradient on ERROR_ROWS rows against fp64."""
     from fastkd import reference
 
-    s, t = inputs(ERROR_ROWS, 4096, dtype, "cuda", seed=7, name=name)
+    s, t = inputs(ERROR_ROWS, 4096, dtype, DEVICE, seed=7, name=name)
     out = fn(s, t)
     (grad,) = torch.autograd.grad((out * weight_of(out, s.dtype)).sum(), s)
     s64 = s.detach().double().requires_grad_()
@@ -132,7 +133,7 @@ def time_all(shapes, dtype, reps, compile_losses, progress):
         nbytes = rows * V * torch.finfo(dtype).bits // 8
         copy = copy_gbps(max(2 * nbytes, 2**28), reps)
         count = 3 if 2 * nbytes < L2_SAFE_BYTES else 1
-        buffers = [inputs(rows, V, dtype, "cuda", seed, name) for seed in range(count)]
+        buffers = [inputs(rows, V, dtype, DEVICE, seed, name) for seed in range(count)]
         for impl, fn in implementations(name, name in compile_losses).items():
             err = max_error(name, fn, dtype)
             for mode in MODES:
