@@ -82,13 +82,30 @@ def range_checkable(target):
     return target.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def refuse_out_of_range(ids, V, exempt, message):
+    """On the CPU (free to check: no device to wait for), a ValueError for entries of `ids` outside [0, V)
+    other than the `exempt` ones; on a GPU the kernels give those rows NaN instead of a host sync."""
+    if range_checkable(ids):
+        bad = ~exempt & ((ids < 0) | (ids >= V))
+        if bad.any():
+            raise ValueError(f"{message}, got {ids[bad].flatten()[:5].tolist()}")
+
+
+def dkd_classes(V):
+    if V < 2:
+        raise ValueError(f"dkd needs V >= 2 classes (no non-target class when V = 1), got V = {V}")
+
+
+def target_range(target, V, ignore_index):
+    refuse_out_of_range(target, V, target == ignore_index, f"target must be in [0, {V}) or ignore_index={ignore_index}")
+
+
 def dkd_target(target, logits, ignore_index):
     """DKD's target as hard labels of the leading shape: a [..., V] target (mixup, label smoothing)
     is reduced by argmax, as in the seed; V = 1 has no non-target class and is refused.  On the CPU
     a target outside [0, V) is refused here (no device to sync); on a GPU it gives a NaN row."""
     V = logits.shape[-1]
-    if V < 2:
-        raise ValueError(f"dkd needs V >= 2 classes (no non-target class when V = 1), got V = {V}")
+    dkd_classes(V)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.shape == logits.shape and target.dim() >= 2:
@@ -97,11 +114,7 @@ def dkd_target(target, logits, ignore_index):
         raise TypeError(f"a hard target must be an integer tensor, got {target.dtype} (a soft target has the "
                         f"logits' shape {tuple(logits.shape)})")
     check_labels(target, logits, "target")
-    if range_checkable(target):
-        bad = (target != ignore_index) & ((target < 0) | (target >= V))
-        if bad.any():
-            raise ValueError(f"target must be in [0, {V}) or ignore_index={ignore_index}, got "
-                             f"{target[bad].flatten()[:5].tolist()}")
+    target_range(target, V, ignore_index)
     return target
 
 
@@ -132,9 +145,6 @@ def sparse_teacher(teacher_ids, teacher_values, logits, values, missing):
                          f"and {tuple(teacher_values.shape)}")
     if teacher_values.requires_grad:
         raise ValueError("teacher_values must not require grad: the sparse teacher is a constant (detach it)")
-    if range_checkable(teacher_ids):
-        V = logits.shape[-1]
-        bad = (teacher_values != float("-inf")) & ((teacher_ids < 0) | (teacher_ids >= V))
-        if bad.any():
-            raise ValueError(f"teacher_ids must be in [0, {V}) where teacher_values is not -inf (padding), got "
-                             f"{teacher_ids[bad].flatten()[:5].tolist()}")
+    V = logits.shape[-1]
+    refuse_out_of_range(teacher_ids, V, teacher_values == float("-inf"),
+                        f"teacher_ids must be in [0, {V}) where teacher_values is not -inf (padding)")

@@ -342,14 +342,8 @@ def linear_dkd(student_hidden, student_weight, teacher, teacher_weight=None, *, 
                                  temperature, target, ignore_index, chunk_size, reduction, "target")
     alpha = _checks.check_number(alpha, "alpha", -math.inf, math.inf)
     beta = _checks.check_number(beta, "beta", -math.inf, math.inf)
-    V = student_weight.shape[0]
-    if V < 2:
-        raise ValueError(f"dkd needs V >= 2 classes (no non-target class when V = 1), got V = {V}")
-    if _checks.range_checkable(target):
-        bad = (target != ignore_index) & ((target < 0) | (target >= V))
-        if bad.any():
-            raise ValueError(f"target must be in [0, {V}) or ignore_index={ignore_index}, got "
-                             f"{target[bad].flatten()[:5].tolist()}")
+    _checks.dkd_classes(student_weight.shape[0])
+    _checks.target_range(target, student_weight.shape[0], ignore_index)
     return _linear_loss(_dkd(alpha, beta, temperature, ignore_index), student_hidden, student_weight, teacher,
                         teacher_weight, student_bias, teacher_bias, target, ignore_index, chunk_size, reduction)
 
