@@ -52,3 +52,40 @@ def compare_to_reference(fn, ref, s, t, *args, loss_tol, grad_tol, **kwargs):
         assert g.dtype == s.dtype and g.shape == s.shape
         assert rel_err(g, rg) <= grad_tol, rel_err(g, rg)
     return loss, ref_loss
+
+
+def check_hint_loss(loss_fn, reference, f_s, f_t, loss_tol=1e-5, grad_tol=1e-5, **kwargs):
+    """A hint loss on the fused path (backend 'triton') against its reference on fp64 copies: the loss and the
+    gradients of every student and teacher stage (f_s, f_t: tensors or lists of stages) -> (loss, reference loss)."""
+    import fastkd
+
+    one = isinstance(f_s, torch.Tensor)
+    f_s, f_t = ([f_s], [f_t]) if one else (f_s, f_t)
+    s, t = [leaf(x) for x in f_s], [leaf(x) for x in f_t]
+    s64, t64 = [leaf(x.double()) for x in f_s], [leaf(x.double()) for x in f_t]
+    with fastkd.use_backend("triton"):
+        loss = loss_fn(s[0] if one else s, t[0] if one else t, **kwargs)
+    ref = reference(s64[0] if one else s64, t64[0] if one else t64, **kwargs)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    assert rel_err(loss, ref) <= loss_tol, (float(loss), float(ref))
+    grads = torch.autograd.grad(loss, s + t)
+    ref_grads = torch.autograd.grad(ref, s64 + t64)
+    for x, g, rg in zip(s + t, grads, ref_grads):
+        assert g.shape == x.shape and g.dtype == x.dtype and torch.isfinite(g).all()
+        assert rel_err(g, rg) <= grad_tol, rel_err(g, rg)
+    return loss, ref
+
+
+def check_compiled_matches_eager(loss_fn, *inputs):
+    """loss_fn(*inputs) on the fused path, compiled with fullgraph AOTAutograd, equals eager: loss and gradients
+    (fp64 inputs: rtol 1e-12).  Checks the custom ops' fake implementations and autograd registration."""
+    import fastkd
+
+    torch._dynamo.reset()
+    eager, compiled = [leaf(x) for x in inputs], [leaf(x) for x in inputs]
+    with fastkd.use_backend("triton"):
+        loss = loss_fn(*eager)
+        compiled_loss = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(*compiled)
+    assert torch.allclose(compiled_loss, loss, rtol=1e-12)
+    for a, b in zip(torch.autograd.grad(compiled_loss, compiled), torch.autograd.grad(loss, eager)):
+        assert torch.allclose(a, b, rtol=1e-12)

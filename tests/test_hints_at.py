@@ -7,7 +7,7 @@ import fastkd
 from fastkd.hints import at as at_module
 from fastkd.hints.at import AT, at_loss, at_loss_reference
 from fastkd.traffic import OpLog
-from helpers import leaf, randn, rel_err
+from helpers import check_compiled_matches_eager, check_hint_loss, leaf, randn, rel_err
 
 
 def fused(*args, **kwargs):
@@ -15,26 +15,8 @@ def fused(*args, **kwargs):
         return at_loss(*args, **kwargs)
 
 
-def _leaves(xs, dtype=None):
-    return [leaf(x if dtype is None else x.to(dtype)) for x in xs]
-
-
 def check(f_s, f_t, loss_tol=1e-5, grad_tol=1e-5, **kwargs):
-    """Fused loss and gradients (student and teacher) against the reference on fp64 copies; lists are stages."""
-    one = isinstance(f_s, torch.Tensor)
-    f_s, f_t = ([f_s], [f_t]) if one else (f_s, f_t)
-    s, t = _leaves(f_s), _leaves(f_t)
-    s64, t64 = _leaves(f_s, torch.float64), _leaves(f_t, torch.float64)
-    loss = fused(s[0] if one else s, t[0] if one else t, **kwargs)
-    ref = at_loss_reference(s64[0] if one else s64, t64[0] if one else t64, **kwargs)
-    assert loss.dim() == 0 and loss.dtype == torch.float32
-    assert rel_err(loss.detach(), ref.detach()) <= loss_tol, (float(loss), float(ref))
-    grads = torch.autograd.grad(loss, s + t)
-    ref_grads = torch.autograd.grad(ref, s64 + t64)
-    for x, g, rg in zip(s + t, grads, ref_grads):
-        assert g.shape == x.shape and g.dtype == x.dtype and torch.isfinite(g).all()
-        assert rel_err(g, rg) <= grad_tol, rel_err(g, rg)
-    return loss, ref
+    return check_hint_loss(at_loss, at_loss_reference, f_s, f_t, loss_tol, grad_tol, **kwargs)
 
 
 CASES = {
@@ -171,15 +153,8 @@ def test_no_temporary_as_large_as_an_input_and_no_host_sync():
 def test_torch_compile_fullgraph_and_opcheck():
     """The custom ops' fake implementations and autograd: a fullgraph-compiled loss and backward (AOTAutograd) equal
     eager, and torch.library.opcheck passes on every op (fp64)."""
-    torch._dynamo.reset()
     s, t = randn((2, 3, 6, 6), 1), randn((2, 4, 3, 3), 2)
-    eager, compiled = [leaf(s), leaf(t)], [leaf(s), leaf(t)]
-    with fastkd.use_backend("triton"):
-        loss = at_loss(*eager, p=3.0)
-        compiled_loss = torch.compile(lambda a, b: at_loss(a, b, p=3.0), backend="aot_eager", fullgraph=True)(*compiled)
-    assert torch.allclose(compiled_loss, loss, rtol=1e-12)
-    for a, b in zip(torch.autograd.grad(compiled_loss, compiled), torch.autograd.grad(loss, eager)):
-        assert torch.allclose(a, b, rtol=1e-12)
+    check_compiled_matches_eager(lambda a, b: at_loss(a, b, p=3.0), s, t)
     t = randn((2, 4, 6, 6), 2)
     q_s, q_t = at_module.at_map(s, 3.0, "odd", 1 / 3), at_module.at_map(t, 3.0, "odd", 1 / 4)
     _, stats = at_module.at_distance(q_s, q_t, 1e-12, 0.05, False)

@@ -8,7 +8,7 @@ from fastkd.hints import hcl as hcl_module
 from fastkd.hints.hcl import HCL, hcl_loss, hcl_loss_reference
 from fastkd.kernels.hcl import saves_pooled
 from fastkd.traffic import OpLog
-from helpers import leaf, randn, rel_err
+from helpers import check_compiled_matches_eager, check_hint_loss, leaf, randn, rel_err
 
 
 def fused(*args):
@@ -16,22 +16,8 @@ def fused(*args):
         return hcl_loss(*args)
 
 
-def check(f_s, f_t, loss_tol=1e-5, grad_tol=1e-5):
-    """Fused loss and gradients (student and teacher) against the reference on fp64 copies; lists are stages."""
-    one = isinstance(f_s, torch.Tensor)
-    f_s, f_t = ([f_s], [f_t]) if one else (f_s, f_t)
-    s, t = [leaf(x) for x in f_s], [leaf(x) for x in f_t]
-    s64, t64 = [leaf(x.double()) for x in f_s], [leaf(x.double()) for x in f_t]
-    loss = fused(s[0] if one else s, t[0] if one else t)
-    ref = hcl_loss_reference(s64[0] if one else s64, t64[0] if one else t64)
-    assert loss.dim() == 0 and loss.dtype == torch.float32
-    assert rel_err(loss.detach(), ref.detach()) <= loss_tol, (float(loss), float(ref))
-    grads = torch.autograd.grad(loss, s + t)
-    ref_grads = torch.autograd.grad(ref, s64 + t64)
-    for x, g, rg in zip(s + t, grads, ref_grads):
-        assert g.shape == x.shape and g.dtype == x.dtype and torch.isfinite(g).all()
-        assert rel_err(g, rg) <= grad_tol, rel_err(g, rg)
-    return loss
+def check(f_s, f_t, loss_tol=1e-5, grad_tol=1e-5, **kwargs):
+    return check_hint_loss(hcl_loss, hcl_loss_reference, f_s, f_t, loss_tol, grad_tol, **kwargs)
 
 
 CASES = {
@@ -78,7 +64,7 @@ def test_review_kd_stages():
     """ReviewKD's CIFAR shapes, scaled down: maps of 8, 4 and 1 (the pooled feature), summed."""
     s = [randn((2, 4, 8, 8), 1).float(), randn((2, 8, 4, 4), 3).float(), randn((2, 8, 1, 1), 5).float()]
     t = [randn((2, 4, 8, 8), 2).float(), randn((2, 8, 4, 4), 4).float(), randn((2, 8, 1, 1), 6).float()]
-    loss = check(s, t)
+    loss, _ = check(s, t)
     assert torch.allclose(loss, sum(fused(a, b) for a, b in zip(s, t)), rtol=1e-6)
 
 
@@ -151,15 +137,8 @@ def test_no_temporary_as_large_as_an_input_and_no_host_sync():
 def test_torch_compile_fullgraph_and_opcheck():
     """The custom ops' fake implementations and autograd: a fullgraph-compiled loss and backward (AOTAutograd) equal
     eager, and torch.library.opcheck passes on both ops, means saved or not (fp64)."""
-    torch._dynamo.reset()
     s, t = randn((2, 3, 6, 6), 1), randn((2, 3, 6, 6), 2)
-    eager, compiled = [leaf(s), leaf(t)], [leaf(s), leaf(t)]
-    with fastkd.use_backend("triton"):
-        loss = hcl_loss(*eager)
-        compiled_loss = torch.compile(hcl_loss, backend="aot_eager", fullgraph=True)(*compiled)
-    assert torch.allclose(compiled_loss, loss, rtol=1e-12)
-    for a, b in zip(torch.autograd.grad(compiled_loss, compiled), torch.autograd.grad(loss, eager)):
-        assert torch.allclose(a, b, rtol=1e-12)
+    check_compiled_matches_eager(hcl_loss, s, t)
     g = torch.tensor(1.5, dtype=torch.float64)
     for s, t in ((s, t), (randn((2, 3, 5, 3), 1), randn((2, 3, 5, 3), 2))):
         _, pooled = hcl_module.hcl_stage(s, t)

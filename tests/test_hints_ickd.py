@@ -9,7 +9,7 @@ from fastkd.hints import ickd as ickd_module
 from fastkd.hints.ickd import ICKD, ickd_loss, ickd_loss_reference
 from fastkd.kernels.ickd import stores_coupling
 from fastkd.traffic import OpLog
-from helpers import leaf, randn, rel_err
+from helpers import check_compiled_matches_eager, check_hint_loss, leaf, randn
 
 
 def fused(*args, **kwargs):
@@ -18,21 +18,7 @@ def fused(*args, **kwargs):
 
 
 def check(f_s, f_t, loss_tol=1e-5, grad_tol=1e-5, **kwargs):
-    """Fused loss and gradients (student and teacher) against the reference on fp64 copies; lists are stages."""
-    one = isinstance(f_s, torch.Tensor)
-    f_s, f_t = ([f_s], [f_t]) if one else (f_s, f_t)
-    s, t = [leaf(x) for x in f_s], [leaf(x) for x in f_t]
-    s64, t64 = [leaf(x.double()) for x in f_s], [leaf(x.double()) for x in f_t]
-    loss = fused(s[0] if one else s, t[0] if one else t, **kwargs)
-    ref = ickd_loss_reference(s64[0] if one else s64, t64[0] if one else t64, **kwargs)
-    assert loss.dim() == 0 and loss.dtype == torch.float32
-    assert rel_err(loss.detach(), ref.detach()) <= loss_tol, (float(loss), float(ref))
-    grads = torch.autograd.grad(loss, s + t)
-    ref_grads = torch.autograd.grad(ref, s64 + t64)
-    for x, g, rg in zip(s + t, grads, ref_grads):
-        assert g.shape == x.shape and g.dtype == x.dtype and torch.isfinite(g).all()
-        assert rel_err(g, rg) <= grad_tol, rel_err(g, rg)
-    return loss
+    return check_hint_loss(ickd_loss, ickd_loss_reference, f_s, f_t, loss_tol, grad_tol, **kwargs)
 
 
 CASES = {
@@ -73,7 +59,7 @@ def test_zero_channel():
 def test_stages_sum():
     s = [randn((2, 4, 4, 4), 1).float(), randn((2, 8, 2, 2), 3).float()]
     t = [randn((2, 4, 4, 4), 2).float(), randn((2, 8, 2, 2), 4).float()]
-    loss = check(s, t)
+    loss, _ = check(s, t)
     assert torch.allclose(loss, fused(s[0], t[0]) + fused(s[1], t[1]), rtol=1e-6)
 
 
@@ -151,15 +137,8 @@ def test_no_temporary_as_large_as_an_input_and_no_host_sync():
 def test_torch_compile_fullgraph_and_opcheck():
     """The custom ops' fake implementations and autograd: a fullgraph-compiled loss and backward (AOTAutograd) equal
     eager, and torch.library.opcheck passes on both ops, coupling stored or not (fp64)."""
-    torch._dynamo.reset()
     s, t = randn((2, 3, 3, 3), 1), randn((2, 3, 3, 3), 2)
-    eager, compiled = [leaf(s), leaf(t)], [leaf(s), leaf(t)]
-    with fastkd.use_backend("triton"):
-        loss = ickd_loss(*eager)
-        compiled_loss = torch.compile(ickd_loss, backend="aot_eager", fullgraph=True)(*compiled)
-    assert torch.allclose(compiled_loss, loss, rtol=1e-12)
-    for a, b in zip(torch.autograd.grad(compiled_loss, compiled), torch.autograd.grad(loss, eager)):
-        assert torch.allclose(a, b, rtol=1e-12)
+    check_compiled_matches_eager(ickd_loss, s, t)
     g = torch.tensor(1.5, dtype=torch.float64)
     for s, t in ((s, t), (randn((2, 5, 2, 2), 1), randn((2, 5, 2, 2), 2))):
         _, coef = ickd_module.ickd_stage(s, t, 0.1)
